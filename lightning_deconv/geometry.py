@@ -1,0 +1,133 @@
+"""Receptive fields: which input pixels one activation of a layer can see.
+
+A projection is zero outside its activation's receptive field, so the paper shows each one cropped to it
+(Zeiler & Fergus 2014, Fig. 2 and 4). The geometry of a layer, per axis, is three numbers: the field's
+``size``, the ``stride`` between neighbouring units (the product of all strides below) and the ``offset``
+of unit 0's field (negative where padding reaches past the image border). Unit ``i`` sees input pixels
+``offset + i * stride`` up to ``offset + i * stride + size - 1``.
+
+``receptive_field`` derives it from one dry forward pass, composing the kernel, stride, padding and
+dilation of every convolution and pooling module on the path to the layer. Where branches meet (a
+residual addition) the widest branch wins, which is the true field of the sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_deconv.layers import eval_mode, layer_name, resolve_layers, run_until
+
+__all__ = ["ReceptiveField", "receptive_field"]
+
+_WINDOWED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """A layer's receptive-field geometry: ``size``, ``stride`` and ``offset`` as ``(rows, cols)`` pairs."""
+
+    size: tuple[int, int]
+    stride: tuple[int, int]
+    offset: tuple[int, int]
+
+    def boxes(self, positions: Tensor) -> Tensor:
+        """Boxes ``(top, left, bottom, right)``, end exclusive, of the units at ``positions [K, 2]``.
+
+        Boxes are not clipped: parts outside the image stand for padding.
+        """
+        positions = positions.long()
+        top = self.offset[0] + positions[:, 0] * self.stride[0]
+        left = self.offset[1] + positions[:, 1] * self.stride[1]
+        return torch.stack([top, left, top + self.size[0], left + self.size[1]], dim=1)
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _compose(field: ReceptiveField, module: nn.Module) -> ReceptiveField:
+    """The field after ``module`` (a conv or pooling window) applied on top of ``field``."""
+    kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+    padding = _pair(module.padding)
+    dilation = _pair(getattr(module, "dilation", 1))
+    size, jump, offset = [], [], []
+    for axis in range(2):
+        extent = dilation[axis] * (kernel[axis] - 1) + 1
+        size.append(field.size[axis] + (extent - 1) * field.stride[axis])
+        offset.append(field.offset[axis] - padding[axis] * field.stride[axis])
+        jump.append(field.stride[axis] * stride[axis])
+    return ReceptiveField(tuple(size), tuple(jump), tuple(offset))
+
+
+class _Tracer:
+    """Forward hooks that carry a ReceptiveField along with every 4-D tensor of the forward pass."""
+
+    def __init__(self, image: Tensor) -> None:
+        self.fields: dict[int, tuple[Tensor, ReceptiveField]] = {
+            id(image): (image, ReceptiveField((1, 1), (1, 1), (0, 0)))
+        }
+
+    def field_of(self, tensor: Tensor) -> ReceptiveField | None:
+        if id(tensor) in self.fields:
+            return self.fields[id(tensor)][1]
+        # Made by a functional op (e.g. a residual sum): take the widest field of the same map size.
+        same = [f for t, f in self.fields.values() if t.shape[-2:] == tensor.shape[-2:]]
+        return max(same, key=lambda f: f.size, default=None)
+
+    def hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not isinstance(output, Tensor) or output.dim() != 4 or not inputs:
+            return
+        source = inputs[0]
+        if not isinstance(source, Tensor) or source.dim() != 4:
+            return
+        field = self.field_of(source)
+        if field is None:
+            return
+        if isinstance(module, _WINDOWED):
+            field = _compose(field, module)
+        elif output.shape[-2:] != source.shape[-2:]:
+            return  # an unknown resampling: leave the output without a field
+        # Keep the tensor alive so its id() cannot be reused by another tensor during the pass.
+        if id(output) not in self.fields or isinstance(module, _WINDOWED):
+            self.fields[id(output)] = (output, field)
+
+
+@torch.no_grad()
+def receptive_field(
+    model: nn.Module, layer: str | nn.Module, input_size: tuple[int, int, int]
+) -> ReceptiveField:
+    """The receptive-field geometry of ``layer``'s output for inputs of shape ``input_size = (C, H, W)``.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=1), nn.MaxPool2d(3, 2, padding=1))
+        >>> receptive_field(net, "1", (3, 64, 64))
+        ReceptiveField(size=(11, 11), stride=(4, 4), offset=(-3, -3))
+
+    Raises:
+        ValueError: the path to ``layer`` goes through a resampling this tracer does not know (crop to the
+            projection's support instead).
+    """
+    name = layer_name(model, layer)
+    reference = next(model.parameters(), torch.empty(0))
+    image = torch.zeros(1, *input_size, device=reference.device, dtype=reference.dtype)
+    tracer = _Tracer(image)
+    handles = [m.register_forward_hook(tracer.hook) for m in model.modules() if not list(m.children())]
+    try:
+        with eval_mode(model):
+            target = resolve_layers(model, [name])
+            found = run_until(model, image, target, lambda _, out: tracer.field_of(out))
+    finally:
+        for handle in handles:
+            handle.remove()
+    output_field = found[name]
+    if output_field is None:
+        raise ValueError(
+            f"Cannot derive the receptive field of {name!r}: its input passes through a resampling that is "
+            "not an nn.Conv2d/MaxPool2d/AvgPool2d module. Crop to the projection's support instead."
+        )
+    return output_field

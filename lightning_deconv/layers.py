@@ -1,0 +1,153 @@
+"""Finding layers by name and running a model only as far as the layers it needs.
+
+Every other module works on "layers": modules of the model, named as in ``model.named_modules()``, whose
+output is the 4-D activation ``[N, C, H, W]`` being studied. ``run_until`` runs the forward pass with a
+forward hook on each requested layer and stops it (by raising from the last hook) as soon as all of them
+have produced their output, so nothing past the deepest requested layer is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["check_images", "eval_mode", "layer_name", "resolve_layers", "run_until"]
+
+
+class _StopForward(Exception):
+    """Raised by the last layer hook to end the forward pass early."""
+
+
+def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
+    """The name of ``layer`` (a name or a submodule) in ``model.named_modules()``.
+
+    Raises:
+        ValueError: if the name is unknown (the message lists the nearest valid names) or the module is not
+            part of ``model``.
+    """
+    names = dict(model.named_modules())
+    if isinstance(layer, nn.Module):
+        for name, module in names.items():
+            if module is layer:
+                return name
+        raise ValueError(f"The module {type(layer).__name__} is not a submodule of {type(model).__name__}.")
+    if not isinstance(layer, str):
+        raise TypeError(f"`layer` must be a module name (str) or an nn.Module, got {type(layer).__name__}.")
+    if layer in names:
+        return layer
+    valid = [n for n in names if n]
+    nearest = difflib.get_close_matches(layer, valid, n=5, cutoff=0.4) or valid[:10]
+    raise ValueError(
+        f"Unknown layer {layer!r} in {type(model).__name__}. Nearest valid names: {', '.join(nearest)}. "
+        "Layer names are those of `model.named_modules()`."
+    )
+
+
+def resolve_layers(model: nn.Module, layers: Iterable[str | nn.Module]) -> dict[str, nn.Module]:
+    """Map each requested layer (name or module) to ``{name: module}``, validating every name."""
+    modules = dict(model.named_modules())
+    resolved: dict[str, nn.Module] = {}
+    for layer in layers:
+        name = layer_name(model, layer)
+        resolved[name] = modules[name]
+    return resolved
+
+
+def run_until(
+    model: nn.Module | Callable[[Tensor], Any],
+    images: Tensor,
+    layers: Mapping[str, nn.Module],
+    on_output: Callable[[str, Tensor], Any],
+) -> dict[str, Any]:
+    """Run ``model(images)`` until every layer in ``layers`` has produced its output, then stop.
+
+    ``on_output(name, activation)`` is called inside each layer's forward hook, at the moment the layer
+    runs, and its result is returned under ``name``. Reducing there (rather than keeping the activation)
+    matters: a later in-place ReLU would otherwise overwrite an earlier layer's output. If a module runs
+    several times in one forward pass, its first call counts.
+
+    Raises:
+        ValueError: a layer's output is not a 4-D tensor, or a layer never ran in the forward pass.
+    """
+    results: dict[str, Any] = {}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if name in results:
+                return
+            if not isinstance(output, Tensor) or output.dim() != 4:
+                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+                raise ValueError(
+                    f"Layer {name!r} ({type(module).__name__}) outputs {shape}, not a 4-D [N, C, H, W] "
+                    "feature map. Choose a convolutional stage (a conv, ReLU or pooling module)."
+                )
+            results[name] = on_output(name, output)
+            if len(results) == len(layers):
+                raise _StopForward
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers.items()]
+    try:
+        model(images)
+    except _StopForward:
+        pass
+    except RuntimeError as error:
+        raise ValueError(
+            f"The model failed on input of shape {tuple(images.shape)}: {error}. Check that the images "
+            "have the channel count and a size the model accepts."
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in results]
+    if missing:
+        raise ValueError(f"Layers {missing} never ran in the model's forward pass; pick layers it uses.")
+    return results
+
+
+def first_conv_in_channels(model: nn.Module) -> int | None:
+    """Input channels of the first ``nn.Conv2d`` registered in ``model`` (``None`` if it has none)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None
+
+
+def check_images(model: nn.Module, images: Tensor) -> None:
+    """Fail clearly when ``images`` cannot be a batch of input images for ``model``."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"`images` must be a Tensor [N, C, H, W], got {type(images).__name__}.")
+    if images.dim() != 4:
+        raise ValueError(f"`images` must be 4-D [N, C, H, W], got shape {tuple(images.shape)}.")
+    if images.shape[0] == 0:
+        raise ValueError("`images` is empty: give at least one probe image.")
+    if not torch.is_floating_point(images):
+        raise TypeError(f"`images` must be floating point (normalised pixels), got {images.dtype}.")
+    expected = first_conv_in_channels(model)
+    if expected is not None and images.shape[1] != expected:
+        raise ValueError(
+            f"`images` have {images.shape[1]} channels but the model's first convolution expects "
+            f"{expected}. Pass images shaped [N, {expected}, H, W]."
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode, then give every submodule back its own train/eval flag.
+
+    Eval mode keeps monitoring side-effect free: BatchNorm uses (and does not update) its running
+    statistics and dropout draws no random numbers.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -1,0 +1,108 @@
+"""Rendering: projections and probe patches as pictures.
+
+The paper shows each projection contrast-normalised, grey where the signal is zero, and cropped to the
+receptive field of its activation, beside the matching patch of the probe image (Zeiler & Fergus 2014,
+Fig. 2). Everything here works on ``[K, C, H, W]`` batches and returns values in ``[0, 1]`` ready for
+``torchvision.utils.make_grid`` or ``save_image``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.utils import make_grid
+
+__all__ = ["crop", "normalize", "projection_grid", "support_boxes"]
+
+Normalization = Literal["symmetric", "minmax"]
+
+
+def normalize(images: Tensor, method: Normalization = "symmetric", eps: float = 1e-12) -> Tensor:
+    """Per-image contrast normalisation to ``[0, 1]``.
+
+    ``"symmetric"`` (the paper's figures): zero maps to mid-grey 0.5 and the largest magnitude to 0 or 1,
+    so the sign of the signal stays readable. ``"minmax"``: each image's minimum to 0, maximum to 1.
+
+    Example::
+
+        >>> normalize(torch.tensor([[[[-1.0, 0.0, 2.0]]]])).flatten().tolist()
+        [0.25, 0.5, 1.0]
+    """
+    if method not in ("symmetric", "minmax"):
+        raise ValueError(f"Unknown normalisation {method!r}; choose 'symmetric' or 'minmax'.")
+    flat = images.flatten(1)
+    if method == "symmetric":
+        scale = flat.abs().amax(dim=1).clamp_min(eps)
+        return (images / (2 * scale.view(-1, 1, 1, 1)) + 0.5).clamp(0, 1)
+    low, high = flat.amin(dim=1).view(-1, 1, 1, 1), flat.amax(dim=1).view(-1, 1, 1, 1)
+    return ((images - low) / (high - low).clamp_min(eps)).clamp(0, 1)
+
+
+def support_boxes(images: Tensor, rel_threshold: float = 1e-3) -> Tensor:
+    """``[K, 4]`` boxes around the pixels where each projection is non-negligible.
+
+    All boxes have the same (largest) size, centred on each support, so the crops tile into a grid.
+    A pixel counts when its magnitude exceeds ``rel_threshold`` times the projection's largest.
+    """
+    magnitude = images.abs().amax(dim=1)  # [K, H, W]
+    peak = magnitude.flatten(1).amax(dim=1).clamp_min(1e-30).view(-1, 1, 1)
+    active = magnitude > rel_threshold * peak
+    rows, cols = active.any(dim=2), active.any(dim=1)
+    h, w = images.shape[-2:]
+    spans = []
+    for r, c in zip(rows, cols, strict=True):
+        ri, ci = r.nonzero().flatten(), c.nonzero().flatten()
+        if len(ri) == 0:
+            spans.append((0, 0, h, w))
+        else:
+            spans.append((int(ri[0]), int(ci[0]), int(ri[-1]) + 1, int(ci[-1]) + 1))
+    boxes = torch.tensor(spans)
+    height = int((boxes[:, 2] - boxes[:, 0]).max())
+    width = int((boxes[:, 3] - boxes[:, 1]).max())
+    top = (boxes[:, 0] + boxes[:, 2] - height) // 2
+    left = (boxes[:, 1] + boxes[:, 3] - width) // 2
+    return torch.stack([top, left, top + height, left + width], dim=1)
+
+
+def crop(images: Tensor, boxes: Tensor, fill: float = 0.0) -> Tensor:
+    """Cut box ``k`` out of image ``k``; all boxes must share one size. Parts outside the image get ``fill``.
+
+    Example::
+
+        >>> crop(torch.ones(1, 1, 4, 4), torch.tensor([[-1, -1, 2, 2]]))[0, 0].tolist()
+        [[0.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
+    """
+    sizes = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1)
+    if len(boxes) and not (sizes == sizes[0]).all():
+        raise ValueError("All crop boxes must have the same size so that the crops tile into one batch.")
+    h, w = images.shape[-2:]
+    height, width = (int(s) for s in sizes[0]) if len(boxes) else (0, 0)
+    # Pad once by the most any box reaches outside, then every box is a plain slice.
+    margin = max(0, int(-boxes[:, :2].min()), int(boxes[:, 2].max()) - h, int(boxes[:, 3].max()) - w)
+    padded = F.pad(images, (margin,) * 4, value=fill)
+    out = [
+        padded[k, :, top + margin : top + margin + height, left + margin : left + margin + width]
+        for k, (top, left) in enumerate(boxes[:, :2].tolist())
+    ]
+    return torch.stack(out) if out else images.new_zeros(0, images.shape[1], height, width)
+
+
+def projection_grid(
+    projections: Tensor,
+    patches: Tensor | None = None,
+    method: Normalization = "symmetric",
+    nrow: int = 8,
+    padding: int = 2,
+) -> Tensor:
+    """Tile projections (each normalised) into one ``[3, H, W]`` picture with ``make_grid``.
+
+    With ``patches`` (the matching probe-image crops, same shape), each projection is shown with its
+    patch to the right, as in the paper's Figure 2.
+    """
+    cells = normalize(projections, method)
+    if patches is not None:
+        cells = torch.cat([cells, normalize(patches, "minmax")], dim=3)
+    return make_grid(cells, nrow=nrow, padding=padding, pad_value=1.0)

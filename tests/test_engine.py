@@ -1,0 +1,273 @@
+"""The projection engine against independent references, on sequential, functional and residual nets."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import zf_shaped
+from reference import explicit_deconvnet, strongest, swapped_relu_projection
+from torch import nn
+
+from lightning_deconv import deconvolve, find_maxima, project
+
+
+def live_channels(net: nn.Sequential, images: torch.Tensor, upto: int) -> list[int]:
+    """Channels whose strongest activation is positive (a dead channel projects to zero)."""
+    with torch.no_grad():
+        peaks = net[: upto + 1](images.clone()).amax(dim=(0, 2, 3))
+    return (peaks > 0).nonzero().flatten().tolist()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided", "gradient"])
+@pytest.mark.parametrize("mode", ["max", "map"])
+@pytest.mark.parametrize("upto", [2, 4, 6, 11, 12])
+def test_matches_explicit_deconvnet(zf_net, probe, rule, mode, upto):
+    channels = [0, 3, 7]
+    got = deconvolve(zf_net, probe, layer=str(upto), channels=channels, mode=mode, rule=rule)
+    with torch.no_grad():
+        acts = zf_net[: upto + 1](probe.clone())
+    for k, channel in enumerate(channels):
+        image, row, col = strongest(acts, channel)
+        assert (got.source[k].item(), *got.position[k].tolist()) == (image, row, col)
+        assert got.value[k].item() == pytest.approx(acts[image, channel, row, col].item(), rel=1e-6)
+        where = None if mode == "map" else (row, col)
+        want, _ = explicit_deconvnet(zf_net, probe[image : image + 1], upto, channel, where, rule)
+        assert want.abs().max() > 0
+        assert rel_err(got.images[k], want[0]) < 1e-5
+    assert got.images.dtype == torch.float32 and got.images.shape == (3, *probe.shape[1:])
+
+
+def test_shared_switches_add_up(zf_net, probe):
+    """Overlapping 3x3/2 pooling: a pixel that is the max of two windows receives both contributions."""
+    x = zf_net[:2](probe[:1].clone())
+    _, switches = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    flat = switches.flatten(2)
+    assert (flat.sort(dim=2).values.diff(dim=2) == 0).any(), "the fixture must contain shared switches"
+    got = deconvolve(zf_net, probe[:1], layer="2", channels=[1], mode="map")
+    want, _ = explicit_deconvnet(zf_net, probe[:1], 2, 1, None, "deconvnet")
+    assert rel_err(got.images[0], want[0]) < 1e-5
+    # a unpooling that overwrites instead of adding (max_unpool2d) gives a different answer
+    pooled = F.max_pool2d(x, 3, 2, 1)
+    seed = torch.zeros_like(pooled)
+    seed[0, 1] = pooled[0, 1]
+    overwritten = F.max_unpool2d(seed, switches, 3, 2, 1, output_size=x.shape[-2:])
+    wrong = F.conv_transpose2d(overwritten.clamp(min=0), zf_net[0].weight, None, 2, 1)
+    assert wrong.shape == got.images[:1].shape
+    assert rel_err(got.images[0], wrong[0]) > 1e-3
+
+
+class FunctionalReLUNet(nn.Module):
+    """The same convolutions, with every ReLU called functionally in forward, six different ways."""
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        super().__init__()
+        self.conv1, self.pool1, self.conv2, self.pool2 = seq[0], seq[2], seq[3], seq[5]
+        self.conv3, self.conv4, self.conv5, self.pool5 = seq[6], seq[8], seq[10], seq[12]
+
+    def forward(self, x):
+        x = self.pool1(F.relu(self.conv1(x), inplace=True))
+        x = self.pool2(torch.relu(self.conv2(x)))
+        x = self.conv3(x).relu()
+        x = torch.relu_(self.conv4(x))
+        x = self.conv5(x).relu_()
+        return self.pool5(F.relu(x))
+
+
+@pytest.mark.parametrize("layer, upto", [("pool1", 2), ("pool2", 5), ("conv4", 8), ("pool5", 12)])
+def test_functional_relus_get_the_rule(zf_net, probe, layer, upto):
+    net = FunctionalReLUNet(zf_net)
+    channels = live_channels(zf_net, probe, upto)[:2]
+    got = deconvolve(net, probe, layer=layer, channels=channels)
+    for k, channel in enumerate(channels):
+        image, row, col = got.source[k].item(), *got.position[k].tolist()
+        want, _ = explicit_deconvnet(zf_net, probe[image : image + 1], upto, channel, (row, col), "deconvnet")
+        assert rel_err(got.images[k], want[0]) < 1e-5
+
+
+class ResidualNet(nn.Module):
+    """A residual stage with BatchNorm and a strided 1x1 shortcut; ReLUs are nn.ReLU modules reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv_a = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn_a = nn.BatchNorm2d(16)
+        self.conv_b = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(16)
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16))
+        self.relu = nn.ReLU(inplace=True)
+        self.block = nn.Identity()
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.relu(self.bn_a(self.conv_a(x)))
+        out = self.bn_b(self.conv_b(out))
+        out += self.shortcut(x)
+        return self.block(self.relu(out))
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+def _check_against_swapped(model, images, layer, channels, rule):
+    got = deconvolve(model, images, layer=layer, channels=channels, rule=rule)
+    for k, channel in enumerate(channels):
+        image, where = got.source[k].item(), tuple(got.position[k].tolist())
+        want = swapped_relu_projection(model, images[image : image + 1], layer, channel, where, rule)
+        assert want.abs().max() > 0
+        assert rel_err(got.images[k], want[0]) < 1e-4
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided", "gradient"])
+def test_residual_net_with_batchnorm(rule):
+    torch.manual_seed(0)
+    model = ResidualNet()
+    _randomise_bn(model)
+    _check_against_swapped(model, torch.randn(4, 3, 33, 31), "block", [0, 9, 15], rule)
+
+
+@pytest.mark.parametrize(
+    "builder, layer, size",
+    [
+        (torchvision.models.alexnet, "features.10", 95),
+        (torchvision.models.vgg11, "features.10", 48),
+        (torchvision.models.resnet18, "layer2", 64),
+    ],
+)
+def test_torchvision_models(builder, layer, size):
+    torch.manual_seed(0)
+    model = builder(weights=None)
+    _randomise_bn(model)
+    _check_against_swapped(model, torch.randn(3, 3, size, size), layer, [1, 4], "deconvnet")
+
+
+def test_cross_check_with_captum(probe):
+    captum = pytest.importorskip("captum.attr")
+    torch.manual_seed(0)
+    net = zf_shaped(inplace=False).double()
+    channels = live_channels(net, probe, 9)[:3]
+    got = deconvolve(net, probe, layer="9", channels=channels)
+    for k, channel in enumerate(channels):
+        image, (row, col) = got.source[k].item(), got.position[k].tolist()
+        attr = captum.NeuronDeconvolution(net, net[9]).attribute(
+            probe[image : image + 1], neuron_selector=(channel, row, col)
+        )
+        assert rel_err(got.images[k], got.value[k] * attr[0]) < 1e-5
+
+
+def test_batched_and_stops_at_layer(zf_net, probe):
+    batches, later_calls = [], []
+    zf_net[0].register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
+    zf_net[9].register_forward_hook(lambda m, i, o: later_calls.append(1))
+    deconvolve(zf_net, probe, layer="5", channels=[0, 1, 2, 3])
+    assert batches == [len(probe), 4]  # one pass to find the maxima, one batched projection pass
+    assert later_calls == []
+
+
+def test_find_maxima_one_pass_for_all_layers(zf_net, probe):
+    calls = []
+    zf_net[0].register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    found = find_maxima(zf_net, probe, {"2": [0, 1], "11": [3]}, batch_size=2)
+    assert calls == [2, 2, 1]
+    with torch.no_grad():
+        deep = zf_net[:12](probe.clone())
+    assert (found["11"].source.item(), *found["11"].position[0].tolist()) == strongest(deep, 3)
+
+
+def _state(model):
+    return {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grads": {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()},
+        "flags": {k: p.requires_grad for k, p in model.named_parameters()},
+        "modes": {k: m.training for k, m in model.named_modules()},
+        "hooks": sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            for m in model.modules()
+        ),
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_same(before, after):
+    for key in ("flags", "modes", "hooks"):
+        assert before[key] == after[key], key
+    for k, v in before["params"].items():
+        assert torch.equal(v, after["params"][k]), k
+    for k, g in before["grads"].items():
+        assert (g is None and after["grads"][k] is None) or torch.equal(g, after["grads"][k]), k
+    assert torch.equal(before["rng"], after["rng"])
+
+
+@pytest.mark.parametrize("context", ["plain", "no_grad", "inference_mode"])
+def test_no_side_effects(context):
+    torch.manual_seed(0)
+    model = nn.Sequential(ResidualNet(), nn.Dropout(0.5))
+    model.train()
+    model[0].stem[1].eval()  # a mixed-mode model must come back mixed
+    model[0].conv_b.weight.requires_grad_(False)
+    model[0].conv_a.weight.grad = torch.randn_like(model[0].conv_a.weight)
+    model(torch.randn(4, 3, 33, 31)).sum().backward()  # grads on everything trainable
+    images = torch.randn(4, 3, 33, 31)
+    before = _state(model)
+    ctx = {"plain": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+    with ctx[context]():
+        probe = images.clone()  # an inference tensor under inference_mode, as in Lightning's hooks
+        got = deconvolve(model, probe, layer="0.block", channels=[0, 3])
+    assert got.images.abs().sum() > 0
+    _assert_same(before, _state(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_is_projected_in_float32(zf_net, probe, dtype):
+    low = copy.deepcopy(zf_net).to(dtype)
+    rounded = copy.deepcopy(low).float()  # the same weight values, held in float32
+    got = deconvolve(low, probe.float(), layer="6", channels=[1, 2])
+    assert got.images.dtype == torch.float32 and next(low.parameters()).dtype == dtype
+    maxima = find_maxima(low, probe.float(), {"6": [1, 2]})["6"]
+    want = project(rounded, probe.float(), "6", maxima)
+    assert rel_err(got.images, want) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"layer": "featurs.3"}, "Nearest valid names: features.3"),
+        ({"channels": [0, 99]}, "out of range"),
+        ({"channels": []}, "at least one"),
+        ({"images": torch.rand(3, 97, 91)}, "4-D"),
+        ({"images": torch.rand(2, 1, 97, 91)}, "expects 3"),
+        ({"images": torch.rand(0, 3, 97, 91)}, "empty"),
+        ({"images": torch.rand(2, 3, 5, 5)}, "failed on input"),
+        ({"rule": "lrp"}, "Unknown rule"),
+        ({"mode": "mean"}, "Unknown mode"),
+    ],
+)
+def test_clear_errors(kwargs, message):
+    torch.manual_seed(0)
+    net = nn.Sequential(OrderedDict(features=zf_shaped(), flatten=nn.Flatten(), fc=nn.LazyLinear(4)))
+    net(torch.rand(1, 3, 97, 91))
+    args = {"images": torch.rand(2, 3, 97, 91), "layer": "features.3", "channels": [0], **kwargs}
+    with pytest.raises((ValueError, TypeError), match=message):
+        deconvolve(net, **args)
+
+
+def test_non_spatial_layer_is_rejected():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
+    with pytest.raises(ValueError, match="not a 4-D"):
+        deconvolve(net, torch.rand(2, 3, 16, 16), layer="2", channels=[0])

@@ -1,0 +1,100 @@
+"""Receptive-field geometry, cropping, normalisation and grids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from lightning_deconv import crop, deconvolve, normalize, projection_grid, receptive_field, support_boxes
+
+# Published receptive-field sizes and strides of AlexNet's stages (e.g. Araujo et al., Distill 2019).
+ALEXNET = {
+    "features.0": (11, 4),
+    "features.2": (19, 8),
+    "features.5": (67, 16),
+    "features.10": (163, 16),
+    "features.12": (195, 32),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(ALEXNET))
+def test_alexnet_receptive_fields_match_the_literature(layer):
+    field = receptive_field(torchvision.models.alexnet(weights=None), layer, (3, 224, 224))
+    assert (field.size[0], field.stride[0]) == ALEXNET[layer]
+    assert field.size[0] == field.size[1]
+
+
+def test_resnet_field_goes_through_the_residual_branch():
+    field = receptive_field(torchvision.models.resnet18(weights=None), "layer4", (3, 224, 224))
+    assert field.size == (435, 435) and field.stride == (32, 32)
+
+
+@pytest.mark.parametrize("layer", ["2", "5", "9", "12"])
+def test_projection_support_lies_inside_the_receptive_field(zf_net, probe, layer):
+    field = receptive_field(zf_net, layer, tuple(probe.shape[1:]))
+    got = deconvolve(zf_net, probe, layer=layer, channels=list(range(8)))
+    boxes = field.boxes(got.position)
+    for image, (top, left, bottom, right) in zip(got.images, boxes.tolist(), strict=True):
+        inside = torch.zeros_like(image, dtype=torch.bool)
+        inside[:, max(top, 0) : bottom, max(left, 0) : right] = True
+        assert image[~inside].abs().sum() == 0
+    assert sum(bool(image.abs().sum() > 0) for image in got.images) >= 4
+
+
+def test_zf_stem_geometry_by_hand(zf_net):
+    # conv 7x7/2 pad 1: size 7, stride 2, offset -1; then pool 3x3/2 pad 1: 7 + 2*2 = 11, stride 4, -1 - 2
+    field = receptive_field(zf_net, "2", (3, 97, 91))
+    assert (field.size, field.stride, field.offset) == ((11, 11), (4, 4), (-3, -3))
+    assert field.boxes(torch.tensor([[2, 5]])).tolist() == [[5, 17, 16, 28]]
+
+
+def test_receptive_field_of_unknown_resampling_says_what_to_do():
+    class Upsampler(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.out = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.out(nn.functional.interpolate(self.conv(x), scale_factor=2))
+
+    with pytest.raises(ValueError, match="support"):
+        receptive_field(Upsampler(), "out", (3, 16, 16))
+
+
+def test_crop_pads_outside_the_image():
+    images = torch.arange(16.0).view(1, 1, 4, 4)
+    out = crop(images, torch.tensor([[-1, 2, 2, 5]]), fill=-7)
+    assert out[0, 0].tolist() == [[-7, -7, -7], [2, 3, -7], [6, 7, -7]]
+    with pytest.raises(ValueError, match="same size"):
+        crop(torch.zeros(2, 1, 4, 4), torch.tensor([[0, 0, 2, 2], [0, 0, 3, 3]]))
+
+
+def test_support_boxes_cover_the_support_and_share_a_size():
+    images = torch.zeros(2, 3, 20, 20)
+    images[0, 1, 3:6, 4:9] = 1.0
+    images[1, 0, 10, 15] = -2.0
+    boxes = support_boxes(images)
+    assert (boxes[:, 2] - boxes[:, 0]).unique().tolist() == [3]
+    assert (boxes[:, 3] - boxes[:, 1]).unique().tolist() == [5]
+    crops = crop(images, boxes)
+    assert crops.abs().sum(dim=(1, 2, 3)).tolist() == images.abs().sum(dim=(1, 2, 3)).tolist()
+
+
+def test_normalize():
+    x = torch.tensor([-1.0, 0.0, 2.0, 0.5]).view(1, 1, 2, 2)
+    assert normalize(x).flatten().tolist() == [0.25, 0.5, 1.0, 0.625]
+    assert normalize(x, "minmax").flatten().tolist() == pytest.approx([0.0, 1 / 3, 1.0, 0.5])
+    assert normalize(torch.zeros(2, 3, 4, 4)).unique().tolist() == [0.5]  # no signal is plain grey
+    with pytest.raises(ValueError, match="symmetric"):
+        normalize(x, "log")
+
+
+def test_projection_grid_puts_each_patch_beside_its_projection():
+    projections, patches = torch.randn(6, 3, 9, 9), torch.rand(6, 3, 9, 9)
+    grid = projection_grid(projections, patches, nrow=3, padding=1)
+    assert grid.shape == (3, 2 * (9 + 1) + 1, 3 * (18 + 1) + 1)
+    assert torch.allclose(grid[:, 1:10, 1:10], normalize(projections[:1])[0])
+    assert torch.allclose(grid[:, 1:10, 10:19], normalize(patches[:1], "minmax")[0])
