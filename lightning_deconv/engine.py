@@ -26,17 +26,16 @@ Reference: M. D. Zeiler, R. Fergus, *Visualizing and Understanding Convolutional
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from lightning_deconv.layers import check_images, eval_mode, layer_name, resolve_layers, run_until
+from lightning_deconv.layers import bound_forward, check_images, eval_mode, layer_name, resolve_layers, run_until
 from lightning_deconv.selection import Maxima, find_maxima
 
 __all__ = ["RULES", "Projection", "deconvolve", "project"]
@@ -129,16 +128,6 @@ def _projection_state(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _float_forward(model: nn.Module) -> nn.Module | Any:
-    """``model`` itself, or a float32 functional view of it when its weights are half or bfloat16."""
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    low = [t for t in state.values() if t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16)]
-    if not low:
-        return model
-    cast = {k: v.detach().float() if v.is_floating_point() else v for k, v in state.items()}
-    return lambda x: functional_call(model, cast, (x,))
-
-
 def _working_dtype(model: nn.Module) -> torch.dtype:
     param = next(model.parameters(), None)
     return torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
@@ -152,13 +141,15 @@ def project(
     mode: Mode = "max",
     rule: Rule = "deconvnet",
     batch_size: int | None = None,
+    state: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Project known maxima of one layer back to pixel space (the second half of :func:`deconvolve`).
 
     Row ``k`` of the batch is ``images[maxima.source[k]]``; its seed is the activation at
     ``maxima.position[k]`` of channel ``maxima.channels[k]`` (``mode="max"``) or that channel's whole map
     (``mode="map"``), every other activation of the layer zeroed. One forward (stopped at ``layer``) and one
-    backward per batch of ``batch_size`` rows (default: all ``K``).
+    backward per batch of ``batch_size`` rows (default: all ``K``). ``state`` replaces some of the model's
+    tensors by name for this call (see :func:`~lightning_deconv.layers.bound_forward`).
 
     Returns:
         ``[K, C, H, W]`` float32 projections.
@@ -169,7 +160,7 @@ def project(
         raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
     modules = resolve_layers(model, [layer])
     device = next(model.parameters(), images).device
-    forward = _float_forward(model)
+    forward = bound_forward(model, state, float32=True)
     k = len(maxima.channels)
     step = batch_size or k
     out = []

@@ -97,9 +97,7 @@ class _Tracer:
 
 
 @torch.no_grad()
-def receptive_field(
-    model: nn.Module, layer: str | nn.Module, input_size: tuple[int, int, int]
-) -> ReceptiveField:
+def receptive_field(model: nn.Module, layer: str | nn.Module, input_size: tuple[int, int, int]) -> ReceptiveField:
     """The receptive-field geometry of ``layer``'s output for inputs of shape ``input_size = (C, H, W)``.
 
     Example::

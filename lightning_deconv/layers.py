@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-__all__ = ["check_images", "eval_mode", "layer_name", "resolve_layers", "run_until"]
+__all__ = ["bound_forward", "check_images", "eval_mode", "layer_name", "resolve_layers", "run_until"]
 
 
 class _StopForward(Exception):
@@ -151,3 +152,24 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def bound_forward(
+    model: nn.Module, state: Mapping[str, Tensor] | None = None, float32: bool = False
+) -> Callable[[Tensor], Any]:
+    """``model``'s forward, optionally with some parameters/buffers replaced and low precision lifted.
+
+    Args:
+        state: tensors to use instead of the model's own, by name (e.g. rank 0's BatchNorm statistics under
+            DDP); the model itself is not modified.
+        float32: run a half or bfloat16 model with float32 copies of its floating tensors.
+    """
+    replaced = dict(state or {})
+    if float32:
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers()), **replaced}
+        replaced.update(
+            {name: t.detach().float() for name, t in own.items() if t.dtype in (torch.float16, torch.bfloat16)}
+        )
+    if not replaced:
+        return model
+    return lambda x: functional_call(model, replaced, (x,))

@@ -8,14 +8,17 @@ Fig. 2). Everything here works on ``[K, C, H, W]`` batches and returns values in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["crop", "normalize", "projection_grid", "support_boxes"]
+__all__ = ["crop", "evolution_grid", "normalize", "projection_grid", "support_boxes"]
 
 Normalization = Literal["symmetric", "minmax"]
 
@@ -106,3 +109,59 @@ def projection_grid(
     if patches is not None:
         cells = torch.cat([cells, normalize(patches, "minmax")], dim=3)
     return make_grid(cells, nrow=nrow, padding=padding, pad_value=1.0)
+
+
+_HEADER, _SIDE = 18, 44  # label strip sizes in pixels
+
+
+def _label_strip(labels: Sequence[str], cell: int, pad: int, height: int, vertical: bool = False) -> Tensor:
+    """A white strip with one dark label per cell (a header row, or a column when ``vertical``)."""
+    length = len(labels) * (cell + pad) + pad
+    strip = Image.new("RGB", (height, length) if vertical else (length, height), "white")
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=max(9, min(14, height - 4)))
+    for i, label in enumerate(labels):
+        middle = pad + i * (cell + pad) + cell / 2
+        xy = (height / 2, middle) if vertical else (middle, height / 2)
+        draw.text(xy, label, fill=(40, 40, 40), font=font, anchor="mm")
+    return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).float() / 255
+
+
+def evolution_grid(
+    columns: Sequence[Tensor],
+    column_labels: Sequence[str],
+    row_labels: Sequence[str] | None = None,
+    patches: Sequence[Tensor] | None = None,
+    method: Normalization = "symmetric",
+    min_cell: int = 48,
+    padding: int = 2,
+) -> Tensor:
+    """Feature evolution as one labelled ``[3, H, W]`` picture: rows = features, columns = snapshots.
+
+    ``columns[e]`` holds the ``[K, C, h, w]`` cells of snapshot ``e`` (e.g. cropped projections after
+    epoch ``column_labels[e]``), each normalised on its own as in the paper's Figure 4. Small cells are
+    enlarged (nearest neighbour) to at least ``min_cell`` pixels so that the labels stay readable. With
+    ``patches`` (one ``[K, C, h, w]`` per column), each cell shows its probe-image patch to the right.
+    """
+    if len(columns) != len(column_labels) or not columns:
+        raise ValueError("Give one label per column and at least one column.")
+    shown = [normalize(c.float(), method) for c in columns]
+    if patches is not None:
+        shown = [torch.cat([s, normalize(p.float(), "minmax")], dim=3) for s, p in zip(shown, patches, strict=True)]
+    cells = torch.stack(shown, dim=1)  # [K, E, C, h, w]
+    e = cells.shape[1]
+    cells = cells.flatten(0, 1)
+    if cells.shape[1] == 1:
+        cells = cells.expand(-1, 3, -1, -1)
+    scale = max(1, -(-min_cell // max(cells.shape[-2:])))
+    if scale > 1:
+        cells = F.interpolate(cells, scale_factor=scale, mode="nearest")
+    grid = make_grid(cells, nrow=e, padding=padding, pad_value=1.0)
+    cell_h, cell_w = cells.shape[-2:]
+    header = _label_strip(column_labels, cell_w, padding, _HEADER)
+    grid = torch.cat([header, grid], dim=1)
+    if row_labels is not None:
+        side = _label_strip(row_labels, cell_h, padding, _SIDE, vertical=True)
+        side = torch.cat([torch.ones(3, _HEADER, _SIDE), side], dim=1)
+        grid = torch.cat([side, grid], dim=2)
+    return grid

@@ -8,15 +8,19 @@ tracked layer in one forward pass over the probe set.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-from lightning_deconv.layers import check_images, resolve_layers, run_until
+from lightning_deconv.layers import bound_forward, check_images, eval_mode, resolve_layers, run_until
 
-__all__ = ["Maxima", "choose_features", "find_maxima"]
+__all__ = ["Maxima", "Trace", "auto_layers", "choose_features", "draw_probe", "find_maxima", "trace"]
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,13 @@ def find_maxima(
     images: Tensor,
     layers: Mapping[str | nn.Module, Sequence[int] | Tensor],
     batch_size: int | None = None,
+    state: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Maxima]:
     """For each layer and each of its listed channels, the strongest activation over ``images``.
 
     One forward pass per batch of ``batch_size`` images (default: all at once) serves every layer, and it
-    stops at the deepest one. The model runs as it is (call ``model.eval()`` first for the paper's setting).
+    stops at the deepest one. The model runs as it is (call ``model.eval()`` first for the paper's setting),
+    with ``state`` replacing some of its tensors by name if given.
 
     Example::
 
@@ -117,10 +123,132 @@ def find_maxima(
         if channels.numel() == 0:
             raise ValueError(f"No channels given for layer {name!r}; list at least one.")
     reference = next(model.parameters(), images)  # run on the model's device, in its precision
+    forward = bound_forward(model, state)
     step = batch_size or len(images)
     best: dict[str, Maxima] = {}
     for start in range(0, len(images), step):
         batch = images[start : start + step].to(reference.device, reference.dtype)
-        found = run_until(model, batch, modules, lambda name, act: _strongest(name, act, wanted[name]))
+        found = run_until(forward, batch, modules, lambda name, act: _strongest(name, act, wanted[name]))
         best = found if not best else {name: _merge(best[name], found[name], start) for name in found}
     return best
+
+
+@contextlib.contextmanager
+def _untouched_rng() -> Iterator[None]:
+    """Run a block without consuming the global torch, NumPy or Python random streams."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def draw_probe(dataset: Dataset, count: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A fixed probe set: ``count`` images drawn from ``dataset`` without replacement, with ``seed``.
+
+    Each item is loaded with the random streams seeded from ``seed`` and the item's index, so random
+    transforms give the same image every time, and the caller's random streams are left as they were.
+
+    Returns:
+        ``(images [count, C, H, W], indices [count])``; items may be images or ``(image, ...)`` tuples.
+    """
+    size = len(dataset)
+    if count < 1 or size == 0:
+        raise ValueError(f"Cannot draw a probe of {count} images from a dataset of {size}; need 1..{size}.")
+    count = min(count, size)
+    indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    images = []
+    with _untouched_rng():
+        for index in indices.tolist():
+            torch.manual_seed(seed * 1_000_003 + index)
+            random.seed(seed * 1_000_003 + index)
+            np.random.seed((seed * 1_000_003 + index) % 2**32)
+            item = dataset[index]
+            image = item[0] if isinstance(item, (tuple, list)) else item
+            if not isinstance(image, Tensor):
+                raise TypeError(
+                    f"Probe items must be image tensors (or tuples starting with one), got {type(image).__name__}."
+                    " Give the dataset a ToTensor()/ToImage() transform."
+                )
+            images.append(image)
+    return torch.stack(images), indices
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What one dry forward pass saw: modules in the order they first ran, and their 4-D output shapes."""
+
+    order: list[str]
+    shapes: dict[str, torch.Size]
+
+
+@torch.no_grad()
+def trace(model: nn.Module, image: Tensor) -> Trace:
+    """Run ``model`` once on ``image`` (``[1, C, H, W]``), in eval mode, recording every module's output."""
+    order: list[str] = []
+    shapes: dict[str, torch.Size] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if name not in shapes and name not in order:
+                order.append(name)
+                if isinstance(output, Tensor) and output.dim() == 4:
+                    shapes[name] = output.shape
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
+    try:
+        with eval_mode(model):
+            model(image)
+    except RuntimeError as error:
+        raise ValueError(
+            f"The model failed on probe images of shape {tuple(image.shape[1:])}: {error}. "
+            "Give probe images in the shape and normalisation the model is trained on."
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Trace(order, shapes)
+
+
+_STAGE_END = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def auto_layers(model: nn.Module, seen: Trace, max_stages: int = 8) -> list[str]:
+    """The conv stages of ``model``: for each convolution, the last ReLU or pooling module that follows it.
+
+    For ZFNet and AlexNet this gives the paper's layers 1 to 5 (e.g. ``pool1, pool2, relu3, relu4,
+    pool5``). Deeper plain nets (VGG) keep the stages that end in pooling; nets where that leaves fewer
+    than two (ResNet) use the top-level blocks that contain convolutions (``conv1, layer1 ... layer4``).
+    """
+    modules = dict(model.named_modules())
+    leaves = [n for n in seen.order if not list(modules[n].children())]
+    stages: list[str] = []
+    current: str | None = None
+    for name in leaves:
+        module = modules[name]
+        if isinstance(module, nn.Conv2d):
+            if current is not None:
+                stages.append(current)
+            current = name
+        elif current is not None and isinstance(module, _STAGE_END) and name in seen.shapes:
+            current = name
+        elif current is not None and not isinstance(module, (nn.BatchNorm2d, nn.Dropout, nn.Identity)):
+            stages.append(current)
+            current = None
+    if current is not None:
+        stages.append(current)
+    stages = list(dict.fromkeys(stages))
+    if len(stages) <= max_stages:
+        return stages
+    pooled = [n for n in stages if isinstance(modules[n], (nn.MaxPool2d, nn.AvgPool2d))]
+    if len(pooled) >= 2:
+        return pooled
+    return [
+        name
+        for name, child in model.named_children()
+        if name in seen.shapes and any(isinstance(m, nn.Conv2d) for m in child.modules())
+    ]

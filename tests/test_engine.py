@@ -197,8 +197,7 @@ def _state(model):
         "flags": {k: p.requires_grad for k, p in model.named_parameters()},
         "modes": {k: m.training for k, m in model.named_modules()},
         "hooks": sum(
-            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-            for m in model.modules()
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
         ),
         "rng": torch.get_rng_state(),
     }

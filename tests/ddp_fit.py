@@ -1,0 +1,43 @@
+"""Run by test_callback.py in a subprocess: a 2-process CPU DDP fit (Lightning re-launches this script)."""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tiny import dataset, module_class
+
+import lightning_deconv.callback as callback_module
+from lightning_deconv import DeconvCallback
+
+out = Path(sys.argv[1])
+projected: list[list] = []
+engine_project = callback_module.project
+
+
+def recording_project(model, images, layer, maxima, *args, **kwargs):
+    projected.append([layer, maxima.channels.tolist()])
+    return engine_project(model, images, layer, maxima, *args, **kwargs)
+
+
+callback_module.project = recording_project
+L.seed_everything(0)
+model = module_class(L)()
+callback = DeconvCallback(probe=dataset(12, 7).tensors[0], features_per_layer=3, epochs=(1, 2), fire_at_end=False)
+trainer = L.Trainer(
+    strategy="ddp",
+    accelerator="cpu",
+    devices=2,
+    max_epochs=2,
+    callbacks=[callback],
+    logger=TensorBoardLogger(out, name="run"),
+    enable_progress_bar=False,
+    enable_checkpointing=False,
+    num_sanity_val_steps=0,
+)
+trainer.fit(model)
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(projected))
+if trainer.is_global_zero:
+    torch.save(model.state_dict(), out / "final.pt")
