@@ -136,6 +136,7 @@ class DeconvCallback(*callback_bases()):
         self.features: dict[str, list[int]] = {}
         self.history: dict[str, dict[int, dict[str, Tensor]]] = {}
         self._fields: dict[str, ReceptiveField | None] = {}
+        self._windows: dict[str, ReceptiveField | None] = {}
         self._fired_epochs: set[int] = set()
 
     @property
@@ -157,6 +158,7 @@ class DeconvCallback(*callback_bases()):
         self.history = {layer: {} for layer in self.features}
         self._fired_epochs = set()
         self._fields = {layer: self._field(pl_module, layer) for layer in self.features}
+        self._windows = {layer: self._exact_windows(pl_module, layer) for layer in self.features}
 
     def _resolve_probe(self, trainer: Any) -> Tensor:
         source = self.probe_source
@@ -223,6 +225,27 @@ class DeconvCallback(*callback_bases()):
         except ValueError as error:
             rank_zero_warn(f"DeconvCallback: {error} Cropping {layer!r} to the projections' support.")
             return None
+
+    def _exact_windows(self, pl_module: Any, layer: str) -> ReceptiveField | None:
+        """The layer's field if projecting on receptive-field windows is exact for this model, else None.
+
+        Windows are what keeps a firing cheap (deep layers see a part of the image, shallow ones a patch),
+        but they are only as right as the traced geometry, so they are checked once here against whole-image
+        projections of a few probe images.
+        """
+        field = receptive_field(pl_module, layer, tuple(self.probe.shape[1:])) if self.mode == "max" else None
+        if field is None or field.windows(torch.zeros(1, 2), self.probe.shape[-2:])[1] == self.probe.shape[-2:]:
+            return None
+        probe = self.probe[:4].to(next(pl_module.parameters()).device)
+        with eval_mode(pl_module):
+            (maxima,) = find_maxima(pl_module, probe, {layer: self.features[layer]}).values()
+        whole = project(pl_module, probe, layer, maxima, rule=self.rule)
+        windowed = project(pl_module, probe, layer, maxima, rule=self.rule, field=field)
+        scale = whole.abs().amax()
+        if scale > 0 and (windowed - whole).abs().amax() <= 1e-4 * scale:
+            return field
+        rank_zero_warn(f"DeconvCallback: projecting {layer!r} on whole images (its receptive field is not exact).")
+        return None
 
     # ------------------------------------------------------------------ when to fire
     @override
@@ -294,7 +317,9 @@ class DeconvCallback(*callback_bases()):
             maxima = find_maxima(pl_module, probe, share, self.batch_size, state)
         out = {}
         for layer, found in maxima.items():
-            projections = project(pl_module, probe, layer, found, self.mode, self.rule, state=state).cpu()
+            projections = project(
+                pl_module, probe, layer, found, self.mode, self.rule, state=state, field=self._windows.get(layer)
+            ).cpu()
             boxes = self._boxes(layer, projections, found.position)
             out[layer] = {
                 "channels": found.channels,

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_deconv.geometry import ReceptiveField
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, layer_name, resolve_layers, run_until
+from lightning_deconv.render import crop
 from lightning_deconv.selection import Maxima, find_maxima
 
 __all__ = ["RULES", "Projection", "deconvolve", "project"]
@@ -142,6 +144,7 @@ def project(
     rule: Rule = "deconvnet",
     batch_size: int | None = None,
     state: Mapping[str, Tensor] | None = None,
+    field: ReceptiveField | None = None,
 ) -> Tensor:
     """Project known maxima of one layer back to pixel space (the second half of :func:`deconvolve`).
 
@@ -150,6 +153,11 @@ def project(
     (``mode="map"``), every other activation of the layer zeroed. One forward (stopped at ``layer``) and one
     backward per batch of ``batch_size`` rows (default: all ``K``). ``state`` replaces some of the model's
     tensors by name for this call (see :func:`~lightning_deconv.layers.bound_forward`).
+
+    With the layer's ``field`` (``mode="max"`` only), each row runs on the window of its image that holds
+    the activation's receptive field (:meth:`ReceptiveField.windows`) instead of the whole image: the same
+    result, for a fraction of the work. Only pass a field that is exact for this model (module-based
+    convolution and pooling); :func:`receptive_field` derives it.
 
     Returns:
         ``[K, C, H, W]`` float32 projections.
@@ -163,17 +171,34 @@ def project(
     forward = bound_forward(model, state, float32=True)
     k = len(maxima.channels)
     step = batch_size or k
+    windowed = field is not None and mode == "max"
     out = []
     with _projection_state(model):
         for start in range(0, k, step):
             rows = slice(start, start + step)
-            x = images[maxima.source[rows]].detach().to(device, _working_dtype(model)).requires_grad_(True)
+            x = images[maxima.source[rows]].detach()
+            position = maxima.position[rows]
+            if windowed:
+                starts, (h, w) = field.windows(position, images.shape[-2:])
+                x = crop(x, torch.cat([starts, starts + torch.tensor([h, w])], dim=1))
+                position = position - starts // torch.tensor(field.stride)
+            x = x.to(device, _working_dtype(model)).requires_grad_(True)
             with _relu_rule(rule):
                 (activation,) = run_until(forward, x, modules, lambda _, act: act).values()
-            seed = _seed(activation, maxima.channels[rows], maxima.position[rows], mode)
+            seed = _seed(activation, maxima.channels[rows], position, mode)
             (grad,) = torch.autograd.grad(activation, x, grad_outputs=seed)
-            out.append(grad.detach().float())
+            grad = grad.detach().float()
+            out.append(_paste(grad, starts, images.shape[-2:]) if windowed else grad)
     return torch.cat(out)
+
+
+def _paste(windows: Tensor, starts: Tensor, image_size: torch.Size) -> Tensor:
+    """Put each window back at its place in an otherwise zero image (a projection is zero outside it)."""
+    full = windows.new_zeros(*windows.shape[:2], *image_size)
+    h, w = windows.shape[-2:]
+    for k, (top, left) in enumerate(starts.tolist()):
+        full[k, :, top : top + h, left : left + w] = windows[k]
+    return full
 
 
 def _seed(activation: Tensor, channels: Tensor, position: Tensor, mode: str) -> Tensor:

@@ -44,6 +44,29 @@ class ReceptiveField:
         left = self.offset[1] + positions[:, 1] * self.stride[1]
         return torch.stack([top, left, top + self.size[0], left + self.size[1]], dim=1)
 
+    def windows(self, positions: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        """Input windows, all of one size, that each unit at ``positions [K, 2]`` can be computed from exactly.
+
+        A unit depends only on the input inside its receptive field, so running the layers on a window that
+        holds the field gives the same activation and the same projection, if the window keeps two things:
+        the stride alignment (it starts at a multiple of ``stride``, so every intermediate unit lands on the
+        full map's grid) and the true image borders (it never reaches past them, since padding the input is
+        not the same as padding the maps inside the network). The window's side ``L`` is the smallest with
+        ``L >= size + stride - 1`` and ``L = H (mod stride)``, so windows can also end exactly at the border.
+
+        Returns:
+            ``(starts [K, 2], (L_rows, L_cols))``; unit ``(r, c)`` is unit ``(r, c) - starts // stride`` of
+            the window.
+        """
+        starts, sides = [], []
+        for axis in range(2):
+            full, jump = int(image_size[axis]), self.stride[axis]
+            side = full - jump * max(0, (full - self.size[axis] - jump + 1) // jump)
+            first = self.offset[axis] + positions[:, axis].long() * jump  # first pixel of each field
+            starts.append((torch.div(first, jump, rounding_mode="floor") * jump).clamp(0, full - side))
+            sides.append(side)
+        return torch.stack(starts, dim=1), (sides[0], sides[1])
+
 
 def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))

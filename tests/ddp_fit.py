@@ -9,20 +9,19 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tiny import dataset, module_class
 
-import lightning_deconv.callback as callback_module
 from lightning_deconv import DeconvCallback
 
 out = Path(sys.argv[1])
-projected: list[list] = []
-engine_project = callback_module.project
+projected: list[list] = []  # per firing, this rank's share: [[layer, channels], ...]
+own_share = DeconvCallback._project
 
 
-def recording_project(model, images, layer, maxima, *args, **kwargs):
-    projected.append([layer, maxima.channels.tolist()])
-    return engine_project(model, images, layer, maxima, *args, **kwargs)
+def recording_project(self, pl_module, share, state):
+    projected.extend([layer, channels] for layer, channels in share.items())
+    return own_share(self, pl_module, share, state)
 
 
-callback_module.project = recording_project
+DeconvCallback._project = recording_project
 L.seed_everything(0)
 model = module_class(L)()
 callback = DeconvCallback(probe=dataset(12, 7).tensors[0], features_per_layer=3, epochs=(1, 2), fire_at_end=False)

@@ -13,7 +13,7 @@ from conftest import zf_shaped
 from reference import explicit_deconvnet, strongest, swapped_relu_projection
 from torch import nn
 
-from lightning_deconv import deconvolve, find_maxima, project
+from lightning_deconv import deconvolve, find_maxima, project, receptive_field
 
 
 def live_channels(net: nn.Sequential, images: torch.Tensor, upto: int) -> list[int]:
@@ -270,3 +270,32 @@ def test_non_spatial_layer_is_rejected():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
     with pytest.raises(ValueError, match="not a 4-D"):
         deconvolve(net, torch.rand(2, 3, 16, 16), layer="2", channels=[0])
+
+
+@pytest.mark.parametrize(
+    "builder, layer, size",
+    [
+        (lambda: zf_shaped().double(), "2", 97),
+        (lambda: zf_shaped().double(), "5", 97),
+        (lambda: zf_shaped().double(), "7", 129),
+        (lambda: torchvision.models.alexnet(weights=None).double(), "features.5", 127),
+        (lambda: torchvision.models.resnet18(weights=None).double(), "layer1", 75),
+        (lambda: torchvision.models.vgg11(weights=None).double(), "features.7", 61),
+    ],
+)
+def test_projection_on_receptive_field_windows_is_exact(builder, layer, size):
+    """Running each row on the window holding its receptive field changes nothing, at borders too."""
+    torch.manual_seed(0)
+    model = builder()
+    _randomise_bn(model)
+    images = torch.randn(6, 3, size, size + 2, dtype=torch.float64)
+    field = receptive_field(model, layer, tuple(images.shape[1:]))
+    maxima = find_maxima(model.eval(), images, {layer: list(range(8))})[layer]
+    starts, window = field.windows(maxima.position, images.shape[-2:])
+    assert window[0] < size and window[1] < size + 2, "the test needs windows smaller than the image"
+    touches = (starts == 0).any(dim=1) | (starts[:, 0] + window[0] == size) | (starts[:, 1] + window[1] == size + 2)
+    full = project(model, images, layer, maxima)
+    windowed = project(model, images, layer, maxima, field=field)
+    assert full.abs().amax(dim=(1, 2, 3)).gt(0).sum() >= 4
+    assert touches.any() or field.offset[0] >= 0
+    assert rel_err(windowed, full) < 1e-6
