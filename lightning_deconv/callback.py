@@ -138,6 +138,7 @@ class DeconvCallback(*callback_bases()):
         self._fields: dict[str, ReceptiveField | None] = {}
         self._windows: dict[str, ReceptiveField | None] = {}
         self._fired_epochs: set[int] = set()
+        self.firing_seconds: dict[int, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -157,6 +158,7 @@ class DeconvCallback(*callback_bases()):
         self.features = self._choose_features(pl_module, seen)
         self.history = {layer: {} for layer in self.features}
         self._fired_epochs = set()
+        self.firing_seconds = {}
         self._fields = {layer: self._field(pl_module, layer) for layer in self.features}
         self._windows = {layer: self._exact_windows(pl_module, layer) for layer in self.features}
 
@@ -234,7 +236,7 @@ class DeconvCallback(*callback_bases()):
         projections of a few probe images.
         """
         field = receptive_field(pl_module, layer, tuple(self.probe.shape[1:])) if self.mode == "max" else None
-        if field is None or field.windows(torch.zeros(1, 2), self.probe.shape[-2:])[1] == self.probe.shape[-2:]:
+        if field is None:
             return None
         probe = self.probe[:4].to(next(pl_module.parameters()).device)
         with eval_mode(pl_module):
@@ -279,7 +281,7 @@ class DeconvCallback(*callback_bases()):
         start = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size
         share = {layer: chans[rank::world] for layer, chans in self.features.items() if chans[rank::world]}
-        mine = self._project(pl_module, share, _rank_zero_buffers(pl_module, world))
+        mine = self.snapshot(pl_module, share, _rank_zero_buffers(pl_module, world))
         results = _gather_to_zero(mine, world)
         self._fired_epochs.add(epoch)  # every rank must agree on what has fired, or collectives would hang
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
@@ -297,18 +299,27 @@ class DeconvCallback(*callback_bases()):
         for layer, result in layers.items():
             self._log_layer(trainer, out_dir, layer, result, epoch)
         seconds = time.perf_counter() - start
+        self.firing_seconds[epoch] = seconds
         for logger in trainer.loggers:
             logger.log_metrics({"deconv/seconds": seconds}, step=trainer.global_step)
         count = sum(len(c) for c in self.features.values())
-        rank_zero_info(
-            f"DeconvCallback: epoch {epoch}: projected {count} features of {len(layers)} layers in "
-            f"{seconds:.2f}s; saved to {out_dir}"
+        _say(
+            trainer,
+            f"DeconvCallback: epoch {epoch}: projected {count} features of {len(layers)} layers in {seconds:.2f}s, "
+            f"logged deconv/<layer>/evolution; files in {out_dir}",
         )
 
-    def _project(
-        self, pl_module: Any, share: dict[str, list[int]], state: dict[str, Tensor] | None
+    def snapshot(
+        self, pl_module: Any, features: dict[str, list[int]] | None = None, state: dict[str, Tensor] | None = None
     ) -> dict[str, dict[str, Tensor]]:
-        """Maxima of every tracked feature in one forward pass, then one batched projection per layer."""
+        """Project the tracked features (or ``features``) now, as a firing does, without logging anything.
+
+        The maxima of every feature come from one forward pass over the probe set, stopped at the deepest
+        layer; then each layer's features are projected in one batch, on receptive-field windows where that
+        is exact. Returns, per layer, ``channels``, ``projections``, ``crops``, ``patches``, ``source``,
+        ``position``, ``value`` and ``boxes``.
+        """
+        share = self.features if features is None else features
         if not share:
             return {}
         device = next(pl_module.parameters()).device
@@ -336,7 +347,7 @@ class DeconvCallback(*callback_bases()):
     def _boxes(self, layer: str, projections: Tensor, positions: Tensor) -> Tensor:
         field = self._fields.get(layer)
         if field is not None:
-            return field.boxes(positions)
+            return field.boxes(positions, within=tuple(projections.shape[-2:]))
         if self.crop == "support":
             return support_boxes(projections)
         h, w = projections.shape[-2:]
@@ -367,9 +378,10 @@ class DeconvCallback(*callback_bases()):
     def _print_tensorboard_command(trainer: Any) -> None:
         for logger in trainer.loggers:
             if hasattr(getattr(logger, "experiment", None), "add_image"):
-                rank_zero_info(
+                _say(
+                    trainer,
                     "DeconvCallback: see the feature evolution with\n"
-                    f"  tensorboard --logdir {logger.save_dir} --samples_per_plugin images=100"
+                    f"  tensorboard --logdir {logger.save_dir} --samples_per_plugin images=100",
                 )
 
     # ------------------------------------------------------------------ checkpoints
@@ -382,6 +394,15 @@ class DeconvCallback(*callback_bases()):
         self.probe = state_dict["probe"]
         self.features = state_dict["features"]
         self.history = state_dict["history"]
+
+
+def _say(trainer: Any, message: str) -> None:
+    """One line for the user, above the progress bar if there is one (rank 0 only)."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is not None and hasattr(bar, "print") and trainer.is_global_zero:
+        bar.print(message)
+    else:
+        rank_zero_info(message)
 
 
 def _log_image(logger: Any, tag: str, image: Tensor, epoch: int) -> None:

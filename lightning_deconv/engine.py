@@ -156,8 +156,9 @@ def project(
 
     With the layer's ``field`` (``mode="max"`` only), each row runs on the window of its image that holds
     the activation's receptive field (:meth:`ReceptiveField.windows`) instead of the whole image: the same
-    result, for a fraction of the work. Only pass a field that is exact for this model (module-based
-    convolution and pooling); :func:`receptive_field` derives it.
+    result, for a fraction of the work; rows whose windows have one shape (all but those cut by a border)
+    still run as one batch. Only pass a field that is exact for this model (module-based convolution and
+    pooling); :func:`receptive_field` derives it.
 
     Returns:
         ``[K, C, H, W]`` float32 projections.
@@ -170,35 +171,34 @@ def project(
     device = next(model.parameters(), images).device
     forward = bound_forward(model, state, float32=True)
     k = len(maxima.channels)
-    step = batch_size or k
-    windowed = field is not None and mode == "max"
-    out = []
+    height, width = images.shape[-2:]
+    boxes = (
+        field.windows(maxima.position, (height, width))
+        if field is not None and mode == "max"
+        else torch.tensor([[0, 0, height, width]]).expand(k, -1)
+    )
     with _projection_state(model):
-        for start in range(0, k, step):
-            rows = slice(start, start + step)
-            x = images[maxima.source[rows]].detach()
+        out = torch.zeros(k, images.shape[1], height, width, device=device)  # a normal tensor, even here
+        for rows in _batches(boxes, batch_size or k):
+            box = boxes[rows]
+            x = crop(images[maxima.source[rows]].detach(), box).to(device, _working_dtype(model)).requires_grad_(True)
             position = maxima.position[rows]
-            if windowed:
-                starts, (h, w) = field.windows(position, images.shape[-2:])
-                x = crop(x, torch.cat([starts, starts + torch.tensor([h, w])], dim=1))
-                position = position - starts // torch.tensor(field.stride)
-            x = x.to(device, _working_dtype(model)).requires_grad_(True)
+            if field is not None and mode == "max":
+                position = position - box[:, :2] // torch.tensor(field.stride)
             with _relu_rule(rule):
                 (activation,) = run_until(forward, x, modules, lambda _, act: act).values()
             seed = _seed(activation, maxima.channels[rows], position, mode)
             (grad,) = torch.autograd.grad(activation, x, grad_outputs=seed)
-            grad = grad.detach().float()
-            out.append(_paste(grad, starts, images.shape[-2:]) if windowed else grad)
-    return torch.cat(out)
+            for row, (top, left, bottom, right), window in zip(rows.tolist(), box.tolist(), grad, strict=True):
+                out[row, :, top:bottom, left:right] = window.detach()
+    return out
 
 
-def _paste(windows: Tensor, starts: Tensor, image_size: torch.Size) -> Tensor:
-    """Put each window back at its place in an otherwise zero image (a projection is zero outside it)."""
-    full = windows.new_zeros(*windows.shape[:2], *image_size)
-    h, w = windows.shape[-2:]
-    for k, (top, left) in enumerate(starts.tolist()):
-        full[k, :, top : top + h, left : left + w] = windows[k]
-    return full
+def _batches(boxes: Tensor, size: int) -> list[Tensor]:
+    """Row indices grouped by window shape (rows of one shape run as one batch), at most ``size`` a batch."""
+    shapes = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1)
+    groups = [torch.nonzero((shapes == shape).all(dim=1)).flatten() for shape in shapes.unique(dim=0)]
+    return [chunk for group in groups for chunk in group.split(size)]
 
 
 def _seed(activation: Tensor, channels: Tensor, position: Tensor, mode: str) -> Tensor:

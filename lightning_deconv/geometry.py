@@ -34,38 +34,42 @@ class ReceptiveField:
     stride: tuple[int, int]
     offset: tuple[int, int]
 
-    def boxes(self, positions: Tensor) -> Tensor:
+    def boxes(self, positions: Tensor, within: tuple[int, int] | None = None) -> Tensor:
         """Boxes ``(top, left, bottom, right)``, end exclusive, of the units at ``positions [K, 2]``.
 
-        Boxes are not clipped: parts outside the image stand for padding.
+        By default boxes are the fields themselves, reaching past the image where padding does. With
+        ``within=(H, W)`` they are kept inside the image instead: at most ``H x W``, moved inwards at the
+        borders, so each still holds all of its field that lies in the image (and all boxes keep one size).
         """
-        positions = positions.long()
-        top = self.offset[0] + positions[:, 0] * self.stride[0]
-        left = self.offset[1] + positions[:, 1] * self.stride[1]
-        return torch.stack([top, left, top + self.size[0], left + self.size[1]], dim=1)
+        corners, sizes = [], []
+        for axis in range(2):
+            size = self.size[axis] if within is None else min(self.size[axis], int(within[axis]))
+            start = self.offset[axis] + positions[:, axis].long() * self.stride[axis]
+            if within is not None:
+                start = start.clamp(0, int(within[axis]) - size)
+            corners.append(start)
+            sizes.append(size)
+        top, left = corners
+        return torch.stack([top, left, top + sizes[0], left + sizes[1]], dim=1)
 
-    def windows(self, positions: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
-        """Input windows, all of one size, that each unit at ``positions [K, 2]`` can be computed from exactly.
+    def windows(self, positions: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Boxes ``[K, 4]`` of the smallest input windows the units at ``positions`` can be computed from exactly.
 
         A unit depends only on the input inside its receptive field, so running the layers on a window that
         holds the field gives the same activation and the same projection, if the window keeps two things:
         the stride alignment (it starts at a multiple of ``stride``, so every intermediate unit lands on the
-        full map's grid) and the true image borders (it never reaches past them, since padding the input is
-        not the same as padding the maps inside the network). The window's side ``L`` is the smallest with
-        ``L >= size + stride - 1`` and ``L = H (mod stride)``, so windows can also end exactly at the border.
-
-        Returns:
-            ``(starts [K, 2], (L_rows, L_cols))``; unit ``(r, c)`` is unit ``(r, c) - starts // stride`` of
-            the window.
+        full map's grid) and the true image borders (it is cut at them, never padded past them, since
+        padding the input is not the same as padding the maps inside the network). Unit ``(r, c)`` is unit
+        ``(r, c) - (top, left) // stride`` of its window. Windows away from the borders all have one size.
         """
-        starts, sides = [], []
+        sides = []
         for axis in range(2):
-            full, jump = int(image_size[axis]), self.stride[axis]
-            side = full - jump * max(0, (full - self.size[axis] - jump + 1) // jump)
+            jump = self.stride[axis]
             first = self.offset[axis] + positions[:, axis].long() * jump  # first pixel of each field
-            starts.append((torch.div(first, jump, rounding_mode="floor") * jump).clamp(0, full - side))
-            sides.append(side)
-        return torch.stack(starts, dim=1), (sides[0], sides[1])
+            start = (torch.div(first, jump, rounding_mode="floor") * jump).clamp(min=0)
+            sides.append((start, (first + self.size[axis]).clamp(max=int(image_size[axis]))))
+        (top, bottom), (left, right) = sides
+        return torch.stack([top, left, bottom, right], dim=1)
 
 
 def _pair(value: Any) -> tuple[int, int]:

@@ -135,6 +135,7 @@ def evolution_grid(
     method: Normalization = "symmetric",
     min_cell: int = 48,
     padding: int = 2,
+    cell_size: int | None = None,
 ) -> Tensor:
     """Feature evolution as one labelled ``[3, H, W]`` picture: rows = features, columns = snapshots.
 
@@ -142,6 +143,8 @@ def evolution_grid(
     epoch ``column_labels[e]``), each normalised on its own as in the paper's Figure 4. Small cells are
     enlarged (nearest neighbour) to at least ``min_cell`` pixels so that the labels stay readable. With
     ``patches`` (one ``[K, C, h, w]`` per column), each cell shows its probe-image patch to the right.
+    ``cell_size`` resizes every (square) cell to exactly that many pixels, so grids of layers with different
+    receptive fields line up side by side.
     """
     if len(columns) != len(column_labels) or not columns:
         raise ValueError("Give one label per column and at least one column.")
@@ -153,8 +156,10 @@ def evolution_grid(
     cells = cells.flatten(0, 1)
     if cells.shape[1] == 1:
         cells = cells.expand(-1, 3, -1, -1)
-    scale = max(1, -(-min_cell // max(cells.shape[-2:])))
-    if scale > 1:
+    if cell_size is not None:
+        side = (cell_size, cell_size * cells.shape[-1] // cells.shape[-2])
+        cells = F.interpolate(cells, size=side, mode="nearest" if cell_size >= cells.shape[-2] else "area")
+    elif (scale := -(-min_cell // max(cells.shape[-2:]))) > 1:
         cells = F.interpolate(cells, scale_factor=scale, mode="nearest")
     grid = make_grid(cells, nrow=e, padding=padding, pad_value=1.0)
     cell_h, cell_w = cells.shape[-2:]

@@ -13,7 +13,7 @@ from lightning_deconv import DeconvCallback
 
 out = Path(sys.argv[1])
 projected: list[list] = []  # per firing, this rank's share: [[layer, channels], ...]
-own_share = DeconvCallback._project
+own_share = DeconvCallback.snapshot
 
 
 def recording_project(self, pl_module, share, state):
@@ -21,7 +21,7 @@ def recording_project(self, pl_module, share, state):
     return own_share(self, pl_module, share, state)
 
 
-DeconvCallback._project = recording_project
+DeconvCallback.snapshot = recording_project
 L.seed_everything(0)
 model = module_class(L)()
 callback = DeconvCallback(probe=dataset(12, 7).tensors[0], features_per_layer=3, epochs=(1, 2), fire_at_end=False)

@@ -48,6 +48,10 @@ def test_zf_stem_geometry_by_hand(zf_net):
     field = receptive_field(zf_net, "2", (3, 97, 91))
     assert (field.size, field.stride, field.offset) == ((11, 11), (4, 4), (-3, -3))
     assert field.boxes(torch.tensor([[2, 5]])).tolist() == [[5, 17, 16, 28]]
+    # kept inside a 97 x 91 image: moved inwards at the borders, same size
+    inside = field.boxes(torch.tensor([[0, 0], [2, 5], [24, 22]]), within=(97, 91))
+    assert inside.tolist() == [[0, 0, 11, 11], [5, 17, 16, 28], [86, 80, 97, 91]]
+    assert field.boxes(torch.tensor([[0, 0]]), within=(8, 9)).tolist() == [[0, 0, 8, 9]]
 
 
 def test_receptive_field_of_unknown_resampling_says_what_to_do():

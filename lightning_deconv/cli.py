@@ -1,0 +1,73 @@
+"""Command line: ``lightning-deconv fit|validate|test --config configs/NAME.yaml``, ``figure4`` and ``demo``.
+
+Training goes through Lightning's ``LightningCLI``, so every argument of the model, the data module, the
+trainer and its callbacks (``DeconvCallback`` included) can be set in YAML or on the command line. The data
+module's class count and input size are linked into the model. ``figure4`` rebuilds the paper's Figure 4
+from a finished run; ``demo`` trains ``configs/demo.yaml`` on the embedded photographs and draws Figure 4.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_deconv.classifier import ImageClassifier
+
+__all__ = ["DeconvCLI", "main"]
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class DeconvCLI(LightningCLI):
+    """``LightningCLI`` for an :class:`ImageClassifier` and any ``LightningDataModule``."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            ImageClassifier,
+            LightningDataModule,
+            subclass_mode_data=True,
+            args=list(args) if args is not None else None,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.init_args.input_size", "model.input_size")
+
+
+def demo(argv: Sequence[str] = ()) -> None:
+    """Train ``configs/demo.yaml`` (offline, CPU-sized) and write ``figure4.png``."""
+    from lightning_deconv.figures import figure4
+
+    config = CONFIGS / "demo.yaml"
+    if not config.exists():
+        raise SystemExit(f"{config} not found: run the demo from a clone of the lightning-deconv repository.")
+    start = time.perf_counter()
+    cli = DeconvCLI(["fit", "--config", str(config), *argv])
+    log_dir = cli.trainer.log_dir
+    path = figure4(log_dir, "figure4.png")
+    minutes = (time.perf_counter() - start) / 60
+    print(f"Demo done in {minutes:.1f} min. Figure 4: {path.resolve()}  Run: {log_dir}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lightning-deconv`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["figure4"]:
+        from lightning_deconv.figures import main as figure4_main
+
+        figure4_main(args[1:])
+    elif args[:1] == ["demo"]:
+        demo(args[1:])
+    else:
+        DeconvCLI(args)
+
+
+if __name__ == "__main__":
+    main()

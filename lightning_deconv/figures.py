@@ -1,0 +1,117 @@
+"""Figure 4 of Zeiler & Fergus (2014): the evolution of a random subset of features through training.
+
+Rebuilt from the files a run saved (``<run>/deconv/epoch_XXX.pt``, written by
+:class:`~lightning_deconv.callback.DeconvCallback`), so no model is needed: one block per layer, rows =
+features, columns = the epochs at which the callback fired, each cell the feature's strongest activation
+over the probe set projected to pixel space and cropped to its receptive field.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lightning_deconv.render import evolution_grid
+
+__all__ = ["figure4", "find_firings", "main"]
+
+
+def find_firings(run_dir: str | Path) -> list[Path]:
+    """The firing files of a run, by epoch. ``run_dir`` may be the run's log dir, its ``deconv/`` folder,
+    or a parent holding several versions (the newest one with firings is taken).
+
+    Raises:
+        FileNotFoundError: no ``deconv/epoch_*.pt`` under ``run_dir``.
+    """
+    root = Path(run_dir)
+    candidates = (
+        [root]
+        if root.name == "deconv"
+        else sorted({p.parent for p in root.rglob("deconv/epoch_*.pt")}, key=lambda p: p.stat().st_mtime)
+    )
+    for folder in reversed(candidates):
+        files = sorted(folder.glob("epoch_*.pt"))
+        if files:
+            return files
+    raise FileNotFoundError(
+        f"No DeconvCallback firings (deconv/epoch_XXX.pt) under {root}. Point at the log dir of a run "
+        "trained with DeconvCallback, e.g. runs/demo/version_0."
+    )
+
+
+def figure4(run_dir: str | Path, output: str | Path, layers: Sequence[str] | None = None, dpi: int = 150) -> Path:
+    """Draw the paper's Figure 4 from a run and save it to ``output`` (PNG, PDF, ... by extension).
+
+    Args:
+        run_dir: where the run saved its firings (see :func:`find_firings`).
+        output: the figure's path.
+        layers: the layers to show, in order (default: all that were tracked, shallowest first).
+        dpi: resolution of raster outputs.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    firings = [torch.load(path, map_location="cpu", weights_only=True) for path in find_firings(run_dir)]
+    epochs = [f["epoch"] for f in firings]
+    names = list(layers or firings[-1]["layers"])
+    unknown = [n for n in names if n not in firings[-1]["layers"]]
+    if unknown:
+        raise ValueError(f"Layers {unknown} were not tracked in this run; it has {list(firings[-1]['layers'])}.")
+    cell = max(int(f["layers"][n]["crops"].shape[-1]) for f in firings for n in names if n in f["layers"])
+    cell = max(cell, 48)
+    blocks = []
+    for name in names:
+        saved = [f["layers"][name] for f in firings if name in f["layers"]]
+        channels = saved[-1]["channels"].tolist()
+        labels = [str(f["epoch"]) for f in firings if name in f["layers"]]
+        grid = evolution_grid([s["crops"] for s in saved], labels, [f"#{c}" for c in channels], cell_size=cell)
+        blocks.append(grid)
+    # The paper's layout: the layers' blocks side by side, each with features down and epochs across.
+    scale = 1 / 90  # inches per pixel of the grids
+    widths = [b.shape[2] for b in blocks]
+    height = max(b.shape[1] for b in blocks)
+    fig, axes = plt.subplots(
+        1,
+        len(blocks),
+        figsize=(sum(widths) * scale + 0.3 * len(blocks), height * scale + 1.0),
+        gridspec_kw={"width_ratios": widths},
+        squeeze=False,
+    )
+    for index, (ax, block, name) in enumerate(zip(axes[0], blocks, names, strict=True)):
+        ax.imshow(block.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"Layer {index + 1}\n{name}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"Feature evolution during training (columns: epochs {', '.join(map(str, epochs))})", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=dpi)
+    plt.close(fig)
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``lightning-deconv figure4 RUN_DIR -o figure4.png``"""
+    parser = argparse.ArgumentParser(
+        prog="lightning-deconv figure4",
+        description="Rebuild Zeiler & Fergus's Figure 4 (feature evolution) from a run's saved firings.",
+    )
+    parser.add_argument("run_dir", help="the run's log dir (or a parent of several versions)")
+    parser.add_argument("-o", "--output", default="figure4.png", help="where to write the figure")
+    parser.add_argument("--layers", nargs="+", help="layers to show (default: all tracked)")
+    parser.add_argument("--dpi", type=int, default=150)
+    args = parser.parse_args(argv)
+    path = figure4(args.run_dir, args.output, args.layers, args.dpi)
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Rebuild Figure 4 of Zeiler & Fergus (2014) from a run trained with DeconvCallback.
+
+    python scripts/reproduce_figure4.py runs/demo/version_0 -o figure4.png
+
+Same as ``lightning-deconv figure4``; see :mod:`lightning_deconv.figures`.
+"""
+
+from lightning_deconv.figures import main
+
+if __name__ == "__main__":
+    main()
