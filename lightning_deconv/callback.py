@@ -159,8 +159,9 @@ class DeconvCallback(*callback_bases()):
         self.history = {layer: {} for layer in self.features}
         self._fired_epochs = set()
         self.firing_seconds = {}
-        self._fields = {layer: self._field(pl_module, layer) for layer in self.features}
-        self._windows = {layer: self._exact_windows(pl_module, layer) for layer in self.features}
+        fields = {layer: self._receptive_field(pl_module, layer) for layer in self.features}
+        self._fields = fields if self.crop == "receptive_field" else {}
+        self._windows = {layer: self._exact_windows(pl_module, layer, field) for layer, field in fields.items()}
 
     def _resolve_probe(self, trainer: Any) -> Tensor:
         source = self.probe_source
@@ -219,24 +220,22 @@ class DeconvCallback(*callback_bases()):
             chosen[name] = list(channels)
         return chosen
 
-    def _field(self, pl_module: Any, layer: str) -> ReceptiveField | None:
-        if self.crop != "receptive_field":
-            return None
+    def _receptive_field(self, pl_module: Any, layer: str) -> ReceptiveField | None:
         try:
             return receptive_field(pl_module, layer, tuple(self.probe.shape[1:]))
         except ValueError as error:
-            rank_zero_warn(f"DeconvCallback: {error} Cropping {layer!r} to the projections' support.")
+            if self.crop == "receptive_field":
+                rank_zero_warn(f"DeconvCallback: {error} Cropping {layer!r} to the projections' support.")
             return None
 
-    def _exact_windows(self, pl_module: Any, layer: str) -> ReceptiveField | None:
+    def _exact_windows(self, pl_module: Any, layer: str, field: ReceptiveField | None) -> ReceptiveField | None:
         """The layer's field if projecting on receptive-field windows is exact for this model, else None.
 
         Windows are what keeps a firing cheap (deep layers see a part of the image, shallow ones a patch),
         but they are only as right as the traced geometry, so they are checked once here against whole-image
         projections of a few probe images.
         """
-        field = receptive_field(pl_module, layer, tuple(self.probe.shape[1:])) if self.mode == "max" else None
-        if field is None:
+        if field is None or self.mode != "max":
             return None
         probe = self.probe[:4].to(next(pl_module.parameters()).device)
         with eval_mode(pl_module):
@@ -348,7 +347,7 @@ class DeconvCallback(*callback_bases()):
         field = self._fields.get(layer)
         if field is not None:
             return field.boxes(positions, within=tuple(projections.shape[-2:]))
-        if self.crop == "support":
+        if self.crop != "none":
             return support_boxes(projections)
         h, w = projections.shape[-2:]
         return torch.tensor([[0, 0, h, w]]).expand(len(projections), -1)

@@ -62,6 +62,13 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> dict[
     return {"median": statistics.median(runs), "min": min(runs), "max": max(runs)}
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 def rss_mb() -> float:
     """Resident memory of this process now (MiB)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -239,7 +246,7 @@ def main() -> None:
         "machine": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "cpu_count": __import__("os").cpu_count(),
             "python": platform.python_version(),
         },

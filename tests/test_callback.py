@@ -236,3 +236,46 @@ def test_standalone_pytorch_lightning_trainer(tmp_path):
     )
     trainer.fit(module_class(PL)())
     assert tb_tags(Path(trainer.log_dir))["deconv/net.3/evolution"] == [1]
+
+
+class ImageLogger(L.loggers.Logger):
+    """A logger with an image API (as W&B's) and, optionally, an experiment whose add_image fails."""
+
+    def __init__(self, broken: bool = False) -> None:
+        super().__init__()
+        self.images: list[tuple[str, int]] = []
+        self.broken = broken
+
+    name, version = "images", 0
+
+    @property
+    def experiment(self):
+        if not self.broken:
+            return None
+
+        class Broken:
+            def add_image(self, *args, **kwargs):
+                raise OSError("disk full")
+
+        return Broken()
+
+    def log_image(self, key, images, step=None):
+        self.images.append((key, step))
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_logger_image_api_is_used_and_logging_failures_never_stop_training(tmp_path):
+    callback = DeconvCallback(probe=PROBE, features_per_layer=2, epochs=(1, 2))
+    logger = ImageLogger()
+    fit(tmp_path, [callback], max_epochs=2, logger=logger)
+    assert ("deconv/net.6/evolution", 2) in logger.images and ("deconv/net.3/epoch", 1) in logger.images
+
+    with pytest.warns(UserWarning, match="could not log 'deconv/net.3/evolution'.*disk full"):
+        _, model = fit(tmp_path, [DeconvCallback(probe=PROBE, features_per_layer=2, epochs=(1,))], max_epochs=2,
+                       logger=ImageLogger(broken=True))  # fmt: skip
+    assert model.steps == 8  # both epochs trained
