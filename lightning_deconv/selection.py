@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,9 +190,9 @@ def trace(model: nn.Module, image: Tensor) -> Trace:
     order: list[str] = []
     shapes: dict[str, torch.Size] = {}
 
-    def record(name: str):
+    def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: object, output: object) -> None:
-            if name not in shapes and name not in order:
+            if name not in order:
                 order.append(name)
                 if isinstance(output, Tensor) and output.dim() == 4:
                     shapes[name] = output.shape
