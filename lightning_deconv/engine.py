@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_deconv.geometry import ReceptiveField
-from lightning_deconv.layers import bound_forward, check_images, eval_mode, layer_name, resolve_layers, run_until
+from lightning_deconv.layers import bound_forward, eval_mode, layer_name, resolve_layers, run_until
 from lightning_deconv.render import crop
 from lightning_deconv.selection import Maxima, find_maxima
 
@@ -130,6 +130,13 @@ def _projection_state(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def _check_rule_and_mode(rule: str, mode: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"Unknown rule {rule!r}; choose one of {RULES}.")
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
+
+
 def _working_dtype(model: nn.Module) -> torch.dtype:
     param = next(model.parameters(), None)
     return torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
@@ -163,10 +170,7 @@ def project(
     Returns:
         ``[K, C, H, W]`` float32 projections.
     """
-    if rule not in RULES:
-        raise ValueError(f"Unknown rule {rule!r}; choose one of {RULES}.")
-    if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
+    _check_rule_and_mode(rule, mode)
     modules = resolve_layers(model, [layer])
     device = next(model.parameters(), images).device
     forward = bound_forward(model, state, float32=True)
@@ -257,11 +261,7 @@ def deconvolve(
         >>> p.images.shape, p.source.shape, p.position.shape
         (torch.Size([3, 3, 96, 96]), torch.Size([3]), torch.Size([3, 2]))
     """
-    if rule not in RULES:
-        raise ValueError(f"Unknown rule {rule!r}; choose one of {RULES}.")
-    if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
-    check_images(model, images)
+    _check_rule_and_mode(rule, mode)  # before the maxima pass, which is the expensive half
     name = layer_name(model, layer)
     with _projection_state(model):
         (maxima,) = find_maxima(model, images, {name: channels}, batch_size).values()

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tiny import dataset, module_class
 
-from lightning_deconv import DeconvCallback, deconvolve
+from lightning_deconv import DeconvCallback, deconvolve, evolution_grid
 
 Tiny = module_class(L)
 PROBE = dataset(12, 7).tensors[0]
@@ -60,8 +60,12 @@ def test_logs_evolution_grids_and_saves_each_firing(tmp_path):
         assert tags[f"deconv/{layer}/evolution"] == [1, 2, 3]  # 1, 2 scheduled, 3 = end of training
         assert tags[f"deconv/{layer}/epoch"] == [1, 2, 3]
         assert (log_dir / "deconv" / f"{layer}_evolution.png").exists()
-        grid = callback.evolution(layer)
-        assert grid.shape[0] == 3 and grid.shape[2] > grid.shape[1] / 3  # three columns
+        assert sorted(callback.history[layer]) == [1, 2, 3]
+        columns = [callback.history[layer][epoch]["crops"] for epoch in (1, 2, 3)]
+        rows = [f"#{c}" for c in callback.features[layer]]
+        expected = evolution_grid(columns, ["ep 1", "ep 2", "ep 3"], rows)  # rows = features, columns = epochs
+        assert torch.equal(callback.evolution(layer), expected)
+        assert not torch.equal(columns[0], columns[2])  # the features changed while training
     assert len(tags["deconv/seconds"]) == 3
     assert sorted(p.name for p in (log_dir / "deconv").glob("*.pt")) == [f"epoch_00{e}.pt" for e in (1, 2, 3)]
     # the last firing used the final weights: its projections are the engine's on the trained model
