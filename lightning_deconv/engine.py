@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_deconv.geometry import ReceptiveField
+from lightning_deconv import kernels
+from lightning_deconv.geometry import ReceptiveField, input_field
 from lightning_deconv.layers import bound_forward, eval_mode, layer_name, resolve_layers, run_until
 from lightning_deconv.render import crop
 from lightning_deconv.selection import Maxima, find_maxima
@@ -164,8 +165,10 @@ def project(
     With the layer's ``field`` (``mode="max"`` only), each row runs on the window of its image that holds
     the activation's receptive field (:meth:`ReceptiveField.windows`) instead of the whole image: the same
     result, for a fraction of the work; rows whose windows have one shape (all but those cut by a border)
-    still run as one batch. Only pass a field that is exact for this model (module-based convolution and
-    pooling); :func:`receptive_field` derives it.
+    still run as one batch. For a max-pooling layer whose ``maxima`` carry their switches (as
+    :func:`find_maxima` records them), rows start at the switch in the pooling's input, whose window is
+    smaller. Only pass a field that is exact for this model (module-based convolution and pooling);
+    :func:`receptive_field` derives it.
 
     Returns:
         ``[K, C, H, W]`` float32 projections.
@@ -173,25 +176,30 @@ def project(
     _check_rule_and_mode(rule, mode)
     modules = resolve_layers(model, [layer])
     device = next(model.parameters(), images).device
-    forward = bound_forward(model, state, float32=True)
     k = len(maxima.channels)
     height, width = images.shape[-2:]
+    windowed = field is not None and mode == "max"
+    position, at_input = maxima.position, False
+    if windowed and maxima.switch is not None:
+        # Unpooling sends the seed to its switch and nowhere else, so the projection can start there, at the
+        # pooling's input, whose smaller field makes a smaller window.
+        (pool,) = modules.values()
+        field, position, at_input = input_field(field, pool), maxima.switch, True
     boxes = (
-        field.windows(maxima.position, (height, width))
-        if field is not None and mode == "max"
-        else torch.tensor([[0, 0, height, width]]).expand(k, -1)
+        field.windows(position, (height, width)) if windowed else torch.tensor([[0, 0, height, width]]).expand(k, -1)
     )
     with _projection_state(model):
+        forward = bound_forward(model, state, float32=True)
+        fast = kernels.FastCPUOps(device)  # one for all batches: it lays the filters out once
         out = torch.zeros(k, images.shape[1], height, width, device=device)  # a normal tensor, even here
         for rows in _batches(boxes, batch_size or k):
             box = boxes[rows]
-            x = crop(images[maxima.source[rows]].detach(), box).to(device, _working_dtype(model)).requires_grad_(True)
-            position = maxima.position[rows]
-            if field is not None and mode == "max":
-                position = position - box[:, :2] // torch.tensor(field.stride)
-            with _relu_rule(rule):
-                (activation,) = run_until(forward, x, modules, lambda _, act: act).values()
-            seed = _seed(activation, maxima.channels[rows], position, mode)
+            x = crop(images[maxima.source[rows]].detach(), box).to(device, _working_dtype(model))
+            x = fast.prepare(x).requires_grad_(True)
+            seed_at = position[rows] - box[:, :2] // torch.tensor(field.stride) if windowed else position[rows]
+            with fast, _relu_rule(rule):
+                (activation,) = run_until(forward, x, modules, lambda _, act, __: act, at_input).values()
+            seed = _seed(activation, maxima.channels[rows], seed_at, mode)
             (grad,) = torch.autograd.grad(activation, x, grad_outputs=seed)
             for row, (top, left, bottom, right), window in zip(rows.tolist(), box.tolist(), grad, strict=True):
                 out[row, :, top:bottom, left:right] = window.detach()

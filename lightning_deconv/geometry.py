@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_deconv.layers import eval_mode, layer_name, resolve_layers, run_until
 
-__all__ = ["ReceptiveField", "receptive_field"]
+__all__ = ["ReceptiveField", "input_field", "receptive_field"]
 
 _WINDOWED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
@@ -76,17 +76,40 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def _window(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Per axis: the extent of ``module``'s window (dilation included), its stride and its padding."""
+    kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+    dilation = _pair(getattr(module, "dilation", 1))
+    extent = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True))
+    return extent, stride, _pair(module.padding)
+
+
 def _compose(field: ReceptiveField, module: nn.Module) -> ReceptiveField:
     """The field after ``module`` (a conv or pooling window) applied on top of ``field``."""
-    kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
-    padding = _pair(module.padding)
-    dilation = _pair(getattr(module, "dilation", 1))
+    extent, stride, padding = _window(module)
     size, jump, offset = [], [], []
     for axis in range(2):
-        extent = dilation[axis] * (kernel[axis] - 1) + 1
-        size.append(field.size[axis] + (extent - 1) * field.stride[axis])
+        size.append(field.size[axis] + (extent[axis] - 1) * field.stride[axis])
         offset.append(field.offset[axis] - padding[axis] * field.stride[axis])
         jump.append(field.stride[axis] * stride[axis])
+    return ReceptiveField(tuple(size), tuple(jump), tuple(offset))
+
+
+def input_field(field: ReceptiveField, module: nn.Module) -> ReceptiveField:
+    """The field of the input of ``module`` (a conv or pooling window), given ``field``, that of its output.
+
+    Example::
+
+        >>> pool5 = ReceptiveField(size=(171, 171), stride=(32, 32), offset=(-59, -59))
+        >>> input_field(pool5, nn.MaxPool2d(3, stride=2))
+        ReceptiveField(size=(139, 139), stride=(16, 16), offset=(-59, -59))
+    """
+    extent, stride, padding = _window(module)
+    size, jump, offset = [], [], []
+    for axis in range(2):
+        jump.append(field.stride[axis] // stride[axis])
+        size.append(field.size[axis] - (extent[axis] - 1) * jump[axis])
+        offset.append(field.offset[axis] + padding[axis] * jump[axis])
     return ReceptiveField(tuple(size), tuple(jump), tuple(offset))
 
 
@@ -145,7 +168,7 @@ def receptive_field(model: nn.Module, layer: str | nn.Module, input_size: tuple[
     try:
         with eval_mode(model):
             target = resolve_layers(model, [name])
-            found = run_until(model, image, target, lambda _, out: tracer.field_of(out))
+            found = run_until(model, image, target, lambda _, out, __: tracer.field_of(out))
     finally:
         for handle in handles:
             handle.remove()

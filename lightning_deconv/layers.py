@@ -63,14 +63,17 @@ def run_until(
     model: nn.Module | Callable[[Tensor], Any],
     images: Tensor,
     layers: Mapping[str, nn.Module],
-    on_output: Callable[[str, Tensor], Any],
+    on_output: Callable[[str, Tensor, Any], Any],
+    at_input: bool = False,
 ) -> dict[str, Any]:
     """Run ``model(images)`` until every layer in ``layers`` has produced its output, then stop.
 
-    ``on_output(name, activation)`` is called inside each layer's forward hook, at the moment the layer
-    runs, and its result is returned under ``name``. Reducing there (rather than keeping the activation)
-    matters: a later in-place ReLU would otherwise overwrite an earlier layer's output. If a module runs
-    several times in one forward pass, its first call counts.
+    ``on_output(name, activation, layer_input)`` is called inside each layer's forward hook, at the moment
+    the layer runs, with the layer's output and its first input, and its result is returned under ``name``.
+    Reducing there (rather than keeping the activation) matters: a later in-place ReLU would otherwise
+    overwrite an earlier layer's output. If a module runs several times in one forward pass, its first call
+    counts. With ``at_input``, the hook runs just before each layer instead and ``activation`` is the
+    layer's first input (``layer_input`` is ``None``); the deepest layer itself never runs.
 
     Raises:
         ValueError: a layer's output is not a 4-D tensor, or a layer never ran in the forward pass.
@@ -78,22 +81,25 @@ def run_until(
     results: dict[str, Any] = {}
 
     def hook_for(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        def hook(module: nn.Module, inputs: Any, output: Any = None) -> None:
             if name in results:
                 return
-            if not isinstance(output, Tensor) or output.dim() != 4:
-                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            activation, layer_input = (inputs[0], None) if at_input else (output, inputs[0] if inputs else None)
+            if not isinstance(activation, Tensor) or activation.dim() != 4:
+                shape = tuple(activation.shape) if isinstance(activation, Tensor) else type(activation).__name__
                 raise ValueError(
-                    f"Layer {name!r} ({type(module).__name__}) outputs {shape}, not a 4-D [N, C, H, W] "
-                    "feature map. Choose a convolutional stage (a conv, ReLU or pooling module)."
+                    f"Layer {name!r} ({type(module).__name__}) {'takes' if at_input else 'outputs'} {shape}, "
+                    "not a 4-D [N, C, H, W] feature map. Choose a convolutional stage (a conv, ReLU or pooling "
+                    "module)."
                 )
-            results[name] = on_output(name, output)
+            results[name] = on_output(name, activation, layer_input)
             if len(results) == len(layers):
                 raise _StopForward
 
         return hook
 
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers.items()]
+    register = "register_forward_pre_hook" if at_input else "register_forward_hook"
+    handles = [getattr(module, register)(hook_for(name)) for name, module in layers.items()]
     try:
         model(images)
     except _StopForward:

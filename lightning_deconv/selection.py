@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from lightning_deconv.kernels import FastCPUOps
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, resolve_layers, run_until
 
 __all__ = ["Maxima", "Trace", "auto_layers", "choose_features", "draw_probe", "find_maxima", "trace"]
@@ -33,6 +35,8 @@ class Maxima:
         source: ``[K]`` index of the probe image that holds it.
         position: ``[K, 2]`` its (row, col) in the layer's output map.
         map_size: ``(H, W)`` of the layer's output map.
+        switch: for a max-pooling layer, ``[K, 2]`` the (row, col) in the pooling's input map that each
+            maximum was taken from (the paper's switch, as the pooling picked it); ``None`` otherwise.
     """
 
     channels: Tensor
@@ -40,6 +44,7 @@ class Maxima:
     source: Tensor
     position: Tensor
     map_size: tuple[int, int]
+    switch: Tensor | None = None
 
 
 def choose_features(num_channels: int, count: int, seed: int) -> list[int]:
@@ -78,6 +83,27 @@ def _strongest(name: str, activation: Tensor, channels: Tensor) -> Maxima:
     return Maxima(channels, value.cpu(), flat // (h * w), position, (h, w))
 
 
+def _switches(pool: nn.MaxPool2d, pool_input: Tensor, maxima: Maxima) -> Tensor:
+    """``[K, 2]`` where in ``pool``'s input each maximum of its output came from, as ``pool`` itself picks it."""
+    device = pool_input.device
+    maps = pool_input.detach()[maxima.source.to(device), maxima.channels.to(device)].unsqueeze(1)
+    _, index = F.max_pool2d(
+        maps, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, return_indices=True
+    )
+    rows = torch.arange(len(maxima.channels))
+    flat = index[rows, 0, maxima.position[:, 0], maxima.position[:, 1]].cpu()
+    width = pool_input.shape[-1]
+    return torch.stack([flat // width, flat % width], dim=1)
+
+
+def _maxima_of(name: str, layer: nn.Module, output: Tensor, layer_input: Tensor, channels: Tensor) -> Maxima:
+    """The strongest activations of ``layer``'s output, with their switches if it is a max-pooling."""
+    found = _strongest(name, output, channels)
+    if isinstance(layer, nn.MaxPool2d) and isinstance(layer_input, Tensor) and layer_input.dim() == 4:
+        found = replace(found, switch=_switches(layer, layer_input, found))
+    return found
+
+
 def _merge(best: Maxima, new: Maxima, offset: int) -> Maxima:
     better = new.value > best.value
     return Maxima(
@@ -86,6 +112,7 @@ def _merge(best: Maxima, new: Maxima, offset: int) -> Maxima:
         torch.where(better, new.source + offset, best.source),
         torch.where(better[:, None], new.position, best.position),
         best.map_size,
+        None if best.switch is None else torch.where(better[:, None], new.switch, best.switch),
     )
 
 
@@ -100,8 +127,9 @@ def find_maxima(
     """For each layer and each of its listed channels, the strongest activation over ``images``.
 
     One forward pass per batch of ``batch_size`` images (default: all at once) serves every layer, and it
-    stops at the deepest one. The model runs as it is (call ``model.eval()`` first for the paper's setting),
-    with ``state`` replacing some of its tensors by name if given.
+    stops at the deepest one; on CPU it runs channels-last (:class:`~lightning_deconv.kernels.FastCPUOps`).
+    For max-pooling layers it also records each maximum's switch. The model runs as it is (call
+    ``model.eval()`` first for the paper's setting), with ``state`` replacing some of its tensors by name.
 
     Example::
 
@@ -124,11 +152,15 @@ def find_maxima(
             raise ValueError(f"No channels given for layer {name!r}; list at least one.")
     reference = next(model.parameters(), images)  # run on the model's device, in its precision
     forward = bound_forward(model, state)
+    fast = FastCPUOps(reference.device)
     step = batch_size or len(images)
     best: dict[str, Maxima] = {}
     for start in range(0, len(images), step):
-        batch = images[start : start + step].to(reference.device, reference.dtype)
-        found = run_until(forward, batch, modules, lambda name, act: _strongest(name, act, wanted[name]))
+        batch = fast.prepare(images[start : start + step].to(reference.device, reference.dtype))
+        with fast:
+            found = run_until(
+                forward, batch, modules, lambda name, out, inp: _maxima_of(name, modules[name], out, inp, wanted[name])
+            )
         best = found if not best else {name: _merge(best[name], found[name], start) for name in found}
     return best
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from reference import explicit_deconvnet, strongest, swapped_relu_projection
 from torch import nn
 
 from lightning_deconv import deconvolve, find_maxima, project, receptive_field
+from lightning_deconv.geometry import input_field
+from lightning_deconv.models import ZFNet
 
 
 def live_channels(net: nn.Sequential, images: torch.Tensor, upto: int) -> list[int]:
@@ -300,3 +303,50 @@ def test_projection_on_receptive_field_windows_is_exact(builder, layer, size):
     assert full.abs().amax(dim=(1, 2, 3)).gt(0).sum() >= 4
     assert at_border.any() and len(sides.unique(dim=0)) > 1  # borders cut some windows
     assert rel_err(windowed, full) < 1e-6
+
+
+def test_find_maxima_records_the_pooling_switches(zf_net, probe):
+    """For max-pooling layers (padded, ceil-mode, unpadded) the switch is where the pooling took its max."""
+    found = find_maxima(zf_net, probe, {"2": [0, 3], "5": [1, 2], "12": [4], "9": [0]}, batch_size=2)
+    assert found["9"].switch is None
+    for layer in ("2", "5", "12"):
+        pool, maxima = zf_net[int(layer)], found[layer]
+        with torch.no_grad():
+            inputs = zf_net[: int(layer)](probe.clone())
+        _, index = F.max_pool2d(
+            inputs, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, return_indices=True
+        )
+        for k, channel in enumerate(maxima.channels.tolist()):
+            row, col = maxima.position[k].tolist()
+            flat = index[maxima.source[k], channel, row, col].item()
+            assert maxima.switch[k].tolist() == [flat // inputs.shape[-1], flat % inputs.shape[-1]]
+
+
+@pytest.mark.parametrize("layer", ["features.pool2", "features.relu4", "features.pool5"])
+def test_windowed_zfnet_projection_matches_reference(layer):
+    """The whole fast path (switches, receptive-field windows, LRN, channels-last kernels) on the paper's
+    network against the stock-op reference, image by image; a wrong switch gives a wrong answer."""
+    torch.manual_seed(0)
+    model = ZFNet(num_classes=10, width=0.25, input_size=131).eval()
+    images = torch.randn(6, 3, 131, 131)
+    field = receptive_field(model, layer, (3, 131, 131))
+    every = find_maxima(model, images, {layer: range(model.features.conv5.out_channels)})[layer]
+    live = every.channels[every.value > 0][:: max(1, int((every.value > 0).sum()) // 4)][:4]
+    maxima = find_maxima(model, images, {layer: live})[layer]
+    got = project(model, images, layer, maxima, field=field)
+    for k, channel in enumerate(maxima.channels.tolist()):
+        image, where = maxima.source[k].item(), tuple(maxima.position[k].tolist())
+        want = swapped_relu_projection(model, images[image : image + 1], layer, channel, where, "deconvnet")
+        assert want.abs().max() > 0
+        assert rel_err(got[k], want[0]) < 1e-5
+    if maxima.switch is not None:
+        moved = replace(maxima, switch=maxima.switch - (maxima.switch > 0).long())  # one row or column back
+        assert rel_err(project(model, images, layer, moved, field=field), got) > 1e-2
+
+
+def test_input_field_undoes_the_pooling():
+    model = ZFNet(num_classes=10)
+    for pool, below in (("pool1", "relu1"), ("pool2", "relu2"), ("pool5", "relu5")):
+        field = receptive_field(model, f"features.{pool}", (3, 224, 224))
+        want = receptive_field(model, f"features.{below}", (3, 224, 224))
+        assert input_field(field, getattr(model.features, pool)) == want

@@ -1,0 +1,81 @@
+"""The faster CPU forms against the stock PyTorch ops they stand in for: values and input gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import zf_shaped
+from torch import nn
+
+from lightning_deconv.kernels import FastCPUOps, FewChannelConv2d, local_response_norm
+from lightning_deconv.models import ZFNet
+
+
+def _value_and_grad(fn, x: torch.Tensor, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    (grad,) = torch.autograd.grad(out, x, signal)
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("size, alpha, beta, k", [(5, 1e-4, 0.75, 2.0), (4, 1e-2, 0.5, 1.0), (1, 0.3, 1.2, 0.5)])
+def test_local_response_norm_equals_stock(size, alpha, beta, k):
+    gen = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(2, 7, 5, 6, generator=gen, dtype=torch.float64)
+    signal = torch.randn(2, 7, 5, 6, generator=gen, dtype=torch.float64)
+    want = _value_and_grad(lambda t: F.local_response_norm(t, size, alpha, beta, k), x, signal)
+    got = _value_and_grad(lambda t: local_response_norm(t, size, alpha, beta, k), x, signal)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "stride, padding, dilation, side",
+    [(2, 1, 1, 31), (2, 1, 1, 32), (1, 0, 1, 17), (3, 2, 1, 29), (2, (1, 3), 2, 30), ((1, 2), 0, (2, 1), 23)],
+)
+def test_few_channel_conv_equals_stock(stride, padding, dilation, side):
+    """Odd sizes leave the last input pixels outside every window; their gradient must be zero there too."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 3, 5, 4, generator=gen, dtype=torch.float64)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 3, side, side + 3, generator=gen, dtype=torch.float64)
+    out_shape = F.conv2d(x, weight, bias, stride, padding, dilation).shape
+    signal = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    want = _value_and_grad(lambda t: F.conv2d(t, weight, bias, stride, padding, dilation), x, signal)
+    got = _value_and_grad(lambda t: FewChannelConv2d.apply(t, weight, bias, stride, padding, dilation), x, signal)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("net", ["zf_shaped", "ZFNet"])
+def test_fast_ops_leave_results_and_model_unchanged(net):
+    """A whole net (LRN, a 3-channel first conv, max-pooling) gives the stock outputs and gradients, and its
+    own weights keep their values and layout."""
+    torch.manual_seed(0)
+    model = (zf_shaped() if net == "zf_shaped" else ZFNet(num_classes=5, width=0.25, input_size=67)).double().eval()
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False  # the stock and fast passes must see the same input
+    before = copy.deepcopy(model.state_dict())
+    images = torch.randn(3, 3, 67, 67, dtype=torch.float64)
+    signal = torch.randn_like(model(images))
+    want = _value_and_grad(model, images, signal)
+    fast = FastCPUOps("cpu")
+    with fast:
+        got = _value_and_grad(lambda x: model(fast.prepare(x)), images, signal)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]) and tensor.is_contiguous(), name
+
+
+def test_fast_ops_pass_other_devices_through():
+    ops = FastCPUOps("meta")
+    x = torch.empty(2, 3, 8, 8, device="meta")
+    assert ops.prepare(x) is x
+    with ops:
+        out = F.conv2d(x, torch.empty(4, 3, 3, 3, device="meta"))
+    assert out.shape == (2, 4, 6, 6) and not ops._filters
