@@ -194,7 +194,7 @@ def project(
         out = torch.zeros(k, images.shape[1], height, width, device=device)  # a normal tensor, even here
         for rows in _batches(boxes, batch_size or k):
             box = boxes[rows]
-            x = crop(images[maxima.source[rows]].detach(), box).to(device, _working_dtype(model))
+            x = crop(images.detach(), box, sources=maxima.source[rows]).to(device, _working_dtype(model))
             x = fast.prepare(x).requires_grad_(True)
             seed_at = position[rows] - box[:, :2] // torch.tensor(field.stride) if windowed else position[rows]
             with fast, _relu_rule(rule):

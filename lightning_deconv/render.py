@@ -70,8 +70,9 @@ def support_boxes(images: Tensor, rel_threshold: float = 1e-3) -> Tensor:
     return torch.stack([top, left, top + height, left + width], dim=1)
 
 
-def crop(images: Tensor, boxes: Tensor, fill: float = 0.0) -> Tensor:
-    """Cut box ``k`` out of image ``k``; all boxes must share one size. Parts outside the image get ``fill``.
+def crop(images: Tensor, boxes: Tensor, fill: float = 0.0, sources: Tensor | None = None) -> Tensor:
+    """Cut box ``k`` out of image ``k`` (or of image ``sources[k]``); all boxes must share one size. Parts
+    outside the image get ``fill``.
 
     Example::
 
@@ -85,10 +86,11 @@ def crop(images: Tensor, boxes: Tensor, fill: float = 0.0) -> Tensor:
     height, width = (int(s) for s in sizes[0]) if len(boxes) else (0, 0)
     # Pad once by the most any box reaches outside, then every box is a plain slice.
     margin = max(0, int(-boxes[:, :2].min()), int(boxes[:, 2].max()) - h, int(boxes[:, 3].max()) - w)
-    padded = F.pad(images, (margin,) * 4, value=fill)
+    padded = F.pad(images, (margin,) * 4, value=fill) if margin else images
+    rows = range(len(boxes)) if sources is None else sources.tolist()
     out = [
         padded[k, :, top + margin : top + margin + height, left + margin : left + margin + width]
-        for k, (top, left) in enumerate(boxes[:, :2].tolist())
+        for k, (top, left) in zip(rows, boxes[:, :2].tolist(), strict=True)
     ]
     return torch.stack(out) if out else images.new_zeros(0, images.shape[1], height, width)
 

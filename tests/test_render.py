@@ -76,6 +76,14 @@ def test_crop_pads_outside_the_image():
         crop(torch.zeros(2, 1, 4, 4), torch.tensor([[0, 0, 2, 2], [0, 0, 3, 3]]))
 
 
+def test_crop_from_chosen_sources():
+    images = torch.arange(3 * 16.0).view(3, 1, 4, 4)
+    boxes = torch.tensor([[0, 0, 2, 2], [2, 1, 4, 3], [-1, 0, 1, 2]])
+    sources = torch.tensor([2, 0, 2])
+    torch.testing.assert_close(crop(images, boxes, sources=sources), crop(images[sources], boxes))
+    assert crop(images, boxes[:1], sources=sources[:1])[0, 0].tolist() == [[32, 33], [36, 37]]
+
+
 def test_support_boxes_cover_the_support_and_share_a_size():
     images = torch.zeros(2, 3, 20, 20)
     images[0, 1, 3:6, 4:9] = 1.0
