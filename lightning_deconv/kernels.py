@@ -20,14 +20,14 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["FastCPUOps", "FewChannelConv2d", "local_response_norm"]
 
 
-def local_response_norm(x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
+def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
     """``F.local_response_norm`` of a 4-D map, with the channel window summed as ``size`` shifted squares."""
-    channels = x.shape[1]
-    squares = F.pad(x * x, (0, 0, 0, 0, size // 2, (size - 1) // 2))
+    channels = input.shape[1]
+    squares = F.pad(input * input, (0, 0, 0, 0, size // 2, (size - 1) // 2))
     window = squares[:, :channels]
     for shift in range(1, size):
         window = window + squares[:, shift : shift + channels]
-    return x / (window * (alpha / size) + k) ** beta
+    return input / (window * (alpha / size) + k) ** beta
 
 
 class FewChannelConv2d(autograd.Function):
@@ -79,14 +79,14 @@ class FastCPUOps(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.enabled and func is F.conv2d:
             return self._conv2d(*args, **kwargs)
-        if self.enabled and func is F.local_response_norm and args[0].dim() == 4:
+        if self.enabled and func is F.local_response_norm and (args[0] if args else kwargs["input"]).dim() == 4:
             return local_response_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
-    def _conv2d(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    def _conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # F.conv2d's names
         if id(weight) not in self._filters:  # the weight is kept too, so that its id is not reused meanwhile
             self._filters[id(weight)] = (weight, weight.detach().contiguous(memory_format=torch.channels_last))
         filters = self._filters[id(weight)][1]
         if groups == 1 and weight.shape[1] <= 4 and not isinstance(padding, str):
-            return FewChannelConv2d.apply(x, filters, bias, stride, padding, dilation)
-        return F.conv2d(x, filters, bias, stride, padding, dilation, groups)
+            return FewChannelConv2d.apply(input, filters, bias, stride, padding, dilation)
+        return F.conv2d(input, filters, bias, stride, padding, dilation, groups)

@@ -79,3 +79,13 @@ def test_fast_ops_pass_other_devices_through():
     with ops:
         out = F.conv2d(x, torch.empty(4, 3, 3, 3, device="meta"))
     assert out.shape == (2, 4, 6, 6) and not ops._filters
+
+
+def test_fast_ops_take_keyword_arguments():
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    with FastCPUOps("cpu"):
+        conv = F.conv2d(input=x, weight=weight, stride=2)
+        lrn = F.local_response_norm(input=conv, size=3)
+    torch.testing.assert_close(conv, F.conv2d(x, weight, stride=2))
+    torch.testing.assert_close(lrn, F.local_response_norm(conv, 3))
