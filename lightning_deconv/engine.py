@@ -20,6 +20,10 @@ swapped in with a ``TorchFunctionMode`` for the projection pass only, which catc
 or not) and ReLUs called functionally in ``forward`` (``F.relu``, ``torch.relu``, ``x.relu()``,
 ``relu_``) alike, and never touches the model.
 
+For speed, :func:`project` runs each maximum on the window of its image that holds its receptive field,
+starts a max-pooling layer's maxima at their switches, and on CPU runs the pass with the equal, faster ops
+of :mod:`lightning_deconv.kernels`.
+
 Reference: M. D. Zeiler, R. Fergus, *Visualizing and Understanding Convolutional Networks*, ECCV 2014.
 """
 
