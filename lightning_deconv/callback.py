@@ -161,7 +161,7 @@ class DeconvCallback(*callback_bases()):
         self.firing_seconds = {}
         fields = {layer: self._receptive_field(pl_module, layer) for layer in self.features}
         self._fields = fields if self.crop == "receptive_field" else {}
-        self._windows = {layer: self._exact_windows(pl_module, layer, field) for layer, field in fields.items()}
+        self._windows = self._exact_windows(pl_module, fields)
 
     def _resolve_probe(self, trainer: Any) -> Tensor:
         source = self.probe_source
@@ -228,25 +228,33 @@ class DeconvCallback(*callback_bases()):
                 rank_zero_warn(f"DeconvCallback: {error} Cropping {layer!r} to the projections' support.")
             return None
 
-    def _exact_windows(self, pl_module: Any, layer: str, field: ReceptiveField | None) -> ReceptiveField | None:
-        """The layer's field if projecting on receptive-field windows is exact for this model, else None.
+    def _exact_windows(
+        self, pl_module: Any, fields: dict[str, ReceptiveField | None]
+    ) -> dict[str, ReceptiveField | None]:
+        """Per layer, its field if projecting on receptive-field windows is exact for this model, else None.
 
         Windows are what keeps a firing cheap (deep layers see a part of the image, shallow ones a patch),
         but they are only as right as the traced geometry, so they are checked once here against whole-image
         projections of a few probe images.
         """
-        if field is None or self.mode != "max":
-            return None
+        known = {layer: field for layer, field in fields.items() if field is not None}
+        if not known or self.mode != "max":
+            return dict.fromkeys(fields)
         probe = self.probe[:4].to(next(pl_module.parameters()).device)
         with eval_mode(pl_module):
-            (maxima,) = find_maxima(pl_module, probe, {layer: self.features[layer]}).values()
-        whole = project(pl_module, probe, layer, maxima, rule=self.rule)
-        windowed = project(pl_module, probe, layer, maxima, rule=self.rule, field=field)
-        scale = whole.abs().amax()
-        if scale > 0 and (windowed - whole).abs().amax() <= 1e-4 * scale:
-            return field
-        rank_zero_warn(f"DeconvCallback: projecting {layer!r} on whole images (its receptive field is not exact).")
-        return None
+            maxima = find_maxima(pl_module, probe, {layer: self.features[layer] for layer in known})
+        windows: dict[str, ReceptiveField | None] = dict.fromkeys(fields)
+        for layer, field in known.items():
+            whole = project(pl_module, probe, layer, maxima[layer], rule=self.rule)
+            windowed = project(pl_module, probe, layer, maxima[layer], rule=self.rule, field=field)
+            scale = whole.abs().amax()
+            if scale > 0 and (windowed - whole).abs().amax() <= 1e-4 * scale:
+                windows[layer] = field
+            else:
+                rank_zero_warn(
+                    f"DeconvCallback: projecting {layer!r} on whole images (its receptive field is not exact)."
+                )
+        return windows
 
     # ------------------------------------------------------------------ when to fire
     @override
