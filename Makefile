@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m lightning_deconv.cli demo
+	$(PY) -m lightning_deconv.paper.cli demo
 
 lint: setup
 	$(PY) -m ruff check .

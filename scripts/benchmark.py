@@ -40,7 +40,7 @@ import torch
 from lightning_deconv.callback import DeconvCallback
 from lightning_deconv.engine import project
 from lightning_deconv.layers import eval_mode, resolve_layers, run_until
-from lightning_deconv.models import ZFNet
+from lightning_deconv.paper.models import ZFNet
 from lightning_deconv.selection import find_maxima
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def demo_cost(config: Path) -> dict:
     out = ROOT / "runs" / "benchmark_demo"
     code = f"""
 import json, time, sys
-from lightning_deconv.cli import DeconvCLI
+from lightning_deconv.paper.cli import DeconvCLI
 start = time.perf_counter()
 cli = DeconvCLI(args=["fit", "--config", {str(config)!r}, "--trainer.logger.init_args.save_dir", {str(out)!r}])
 total = time.perf_counter() - start

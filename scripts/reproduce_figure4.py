@@ -2,10 +2,10 @@
 
     python scripts/reproduce_figure4.py runs/demo/version_0 -o figure4.png
 
-Same as ``lightning-deconv figure4``; see :mod:`lightning_deconv.figures`.
+Same as ``lightning-deconv figure4``; see :mod:`lightning_deconv.paper.figure4`.
 """
 
-from lightning_deconv.figures import main
+from lightning_deconv.paper.figure4 import main
 
 if __name__ == "__main__":
     main()

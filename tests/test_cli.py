@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from lightning_deconv.callback import DeconvCallback
-from lightning_deconv.cli import CONFIGS, DeconvCLI, main
-from lightning_deconv.figures import figure4, find_firings
+from lightning_deconv.paper.cli import CONFIGS, DeconvCLI, main
+from lightning_deconv.paper.figure4 import figure4, find_firings
 
 
 def test_demo_config_trains_and_figure4_is_rebuilt_from_the_run(tmp_path, capsys):

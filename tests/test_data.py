@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_deconv.data import PHOTOS, ExemplarDataModule, ImageFolderDataModule
+from lightning_deconv.paper.data import PHOTOS, ExemplarDataModule, ImageFolderDataModule
 
 
 def test_exemplar_classes_shapes_and_fixed_validation():

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_deconv import deconvolve, find_maxima, project, receptive_field
 from lightning_deconv.geometry import input_field
-from lightning_deconv.models import ZFNet
+from lightning_deconv.paper.models import ZFNet
 
 
 def live_channels(net: nn.Sequential, images: torch.Tensor, upto: int) -> list[int]:

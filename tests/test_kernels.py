@@ -11,7 +11,7 @@ from conftest import zf_shaped
 from torch import nn
 
 from lightning_deconv.kernels import FastCPUOps, FewChannelConv2d, local_response_norm
-from lightning_deconv.models import ZFNet
+from lightning_deconv.paper.models import ZFNet
 
 
 def _value_and_grad(fn, x: torch.Tensor, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_deconv.classifier import ImageClassifier
-from lightning_deconv.clipping import FilterRMSClip
-from lightning_deconv.models import ZFNet
+from lightning_deconv.paper.classifier import ImageClassifier
+from lightning_deconv.paper.clipping import FilterRMSClip
+from lightning_deconv.paper.models import ZFNet
 
 # Fig. 3 of the paper: map sides at 224x224 input, and channel counts at width 1.
 SIDES = {"conv1": 110, "pool1": 55, "conv2": 26, "pool2": 13, "conv3": 13, "conv4": 13, "conv5": 13, "pool5": 6}

@@ -8,6 +8,7 @@ from a finished run; ``demo`` trains ``configs/demo.yaml`` on the embedded photo
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from collections.abc import Sequence
@@ -16,11 +17,11 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_deconv.classifier import ImageClassifier
+from lightning_deconv.paper.classifier import ImageClassifier
 
 __all__ = ["DeconvCLI", "main"]
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 class DeconvCLI(LightningCLI):
@@ -43,7 +44,7 @@ class DeconvCLI(LightningCLI):
 
 def demo(argv: Sequence[str] = ()) -> None:
     """Train ``configs/demo.yaml`` (offline, CPU-sized) and write ``figure4.png``."""
-    from lightning_deconv.figures import figure4
+    from lightning_deconv.paper.figure4 import figure4
 
     config = CONFIGS / "demo.yaml"
     if not config.exists():
@@ -56,15 +57,19 @@ def demo(argv: Sequence[str] = ()) -> None:
     print(f"Demo done in {minutes:.1f} min. Figure 4: {path.resolve()}  Run: {log_dir}")
 
 
+# ``lightning-deconv NAME ...`` runs the ``main(argv)`` of one of these modules; anything else is LightningCLI.
+FIGURES = {
+    "figure4": "lightning_deconv.paper.figure4",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-deconv`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["figure4"]:
-        from lightning_deconv.figures import main as figure4_main
-
-        figure4_main(args[1:])
-    elif args[:1] == ["demo"]:
+    if args[:1] == ["demo"]:
         demo(args[1:])
+    elif args[:1] and args[0] in FIGURES:
+        importlib.import_module(FIGURES[args[0]]).main(args[1:])
     else:
         DeconvCLI(args)
 

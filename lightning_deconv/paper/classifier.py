@@ -3,7 +3,7 @@ r"""Image classifier: ZFNet trained as Zeiler & Fergus trained it, as a Lightnin
 The paper (Sec. 3) trains with stochastic gradient descent, learning rate :math:`10^{-2}`, momentum 0.9,
 dropout 0.5 in the fully connected layers, and lowers the learning rate by hand when the validation
 error plateaus (here: optionally, a ``StepLR`` every ``lr_step_epochs`` epochs). The filter
-renormalisation of Sec. 3 is a separate callback, :class:`~lightning_deconv.clipping.FilterRMSClip`.
+renormalisation of Sec. 3 is a separate callback, :class:`~lightning_deconv.paper.clipping.FilterRMSClip`.
 
 Initialisation departs from the paper where it must. The paper draws every weight at the scale
 :math:`10^{-2}`, which in a net without batch norm shrinks the signal at every layer, so that in a
@@ -24,7 +24,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_deconv.models import ZFNet
+from lightning_deconv.paper.models import ZFNet
 
 __all__ = ["ImageClassifier"]
 
