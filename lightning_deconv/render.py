@@ -129,6 +129,17 @@ def _label_strip(labels: Sequence[str], cell: int, pad: int, height: int, vertic
     return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).float() / 255
 
 
+def _resize(cells: Tensor, cell_size: int | None, min_cell: int) -> Tensor:
+    """``cells`` at ``cell_size`` rows (aspect kept; nearest up, area down), else enlarged (nearest, by a whole
+    factor) to at least ``min_cell`` pixels so that small receptive fields stay visible."""
+    if cell_size is not None:
+        side = (cell_size, cell_size * cells.shape[-1] // cells.shape[-2])
+        return F.interpolate(cells, size=side, mode="nearest" if cell_size >= cells.shape[-2] else "area")
+    if (scale := -(-min_cell // max(cells.shape[-2:]))) > 1:
+        return F.interpolate(cells, scale_factor=scale, mode="nearest")
+    return cells
+
+
 def evolution_grid(
     columns: Sequence[Tensor],
     column_labels: Sequence[str],
@@ -158,11 +169,7 @@ def evolution_grid(
     cells = cells.flatten(0, 1)
     if cells.shape[1] == 1:
         cells = cells.expand(-1, 3, -1, -1)
-    if cell_size is not None:
-        side = (cell_size, cell_size * cells.shape[-1] // cells.shape[-2])
-        cells = F.interpolate(cells, size=side, mode="nearest" if cell_size >= cells.shape[-2] else "area")
-    elif (scale := -(-min_cell // max(cells.shape[-2:]))) > 1:
-        cells = F.interpolate(cells, scale_factor=scale, mode="nearest")
+    cells = _resize(cells, cell_size, min_cell)
     grid = make_grid(cells, nrow=e, padding=padding, pad_value=1.0)
     cell_h, cell_w = cells.shape[-2:]
     header = _label_strip(column_labels, cell_w, padding, _HEADER)

@@ -72,15 +72,26 @@ def _check_channels(name: str, channels: Tensor, num_channels: int) -> None:
         )
 
 
+def _image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel and image, the largest value over positions (first one wins ties), on the CPU.
+
+    Returns:
+        ``value [K, N]`` (half precision lifted to float32) and its ``position [K, N, 2]`` (row, col).
+    """
+    n, c, h, w = activation.shape
+    _check_channels(name, channels, c)
+    maps = activation.detach()[:, channels.to(activation.device)].transpose(0, 1).reshape(len(channels), n, h * w)
+    value, flat = maps.to(torch.promote_types(maps.dtype, torch.float32)).max(dim=2)
+    flat = flat.cpu()
+    return value.cpu(), torch.stack([flat // w, flat % w], dim=2)
+
+
 def _strongest(name: str, activation: Tensor, channels: Tensor) -> Maxima:
     """Per channel, the largest value over images and positions (first one wins ties)."""
-    _, c, h, w = activation.shape
-    _check_channels(name, channels, c)
-    maps = activation.detach()[:, channels.to(activation.device)].transpose(0, 1).reshape(len(channels), -1)
-    value, flat = maps.float().max(dim=1)
-    flat = flat.cpu()
-    position = torch.stack([(flat % (h * w)) // w, flat % w], dim=1)
-    return Maxima(channels, value.cpu(), flat // (h * w), position, (h, w))
+    value, position = _image_maxima(name, activation, channels)
+    best, source = value.max(dim=1)  # the first image wins ties, as each image's first position did
+    rows = torch.arange(len(channels))
+    return Maxima(channels, best.float(), source, position[rows, source], tuple(activation.shape[-2:]))
 
 
 def _switches(pool: nn.MaxPool2d, pool_input: Tensor, maxima: Maxima) -> Tensor:
@@ -116,6 +127,21 @@ def _merge(best: Maxima, new: Maxima, offset: int) -> Maxima:
     )
 
 
+def _resolve_features(
+    model: nn.Module, layers: Mapping[str | nn.Module, Sequence[int] | Tensor]
+) -> tuple[dict[str, nn.Module], dict[str, Tensor]]:
+    """``{name: module}`` and ``{name: channels}`` of ``{layer: channels}``, failing on unknown or empty."""
+    modules = resolve_layers(model, layers)
+    wanted = {
+        name: torch.as_tensor(list(c) if not isinstance(c, Tensor) else c, dtype=torch.long).flatten()
+        for name, c in zip(modules, layers.values(), strict=True)
+    }
+    for name, channels in wanted.items():
+        if channels.numel() == 0:
+            raise ValueError(f"No channels given for layer {name!r}; list at least one.")
+    return modules, wanted
+
+
 @torch.no_grad()
 def find_maxima(
     model: nn.Module,
@@ -142,14 +168,7 @@ def find_maxima(
         ValueError: unknown layer, empty or out-of-range channels, images that do not fit the model.
     """
     check_images(model, images)
-    modules = resolve_layers(model, layers)
-    wanted = {
-        name: torch.as_tensor(list(c) if not isinstance(c, Tensor) else c, dtype=torch.long).flatten()
-        for name, c in zip(modules, layers.values(), strict=True)
-    }
-    for name, channels in wanted.items():
-        if channels.numel() == 0:
-            raise ValueError(f"No channels given for layer {name!r}; list at least one.")
+    modules, wanted = _resolve_features(model, layers)
     reference = next(model.parameters(), images)  # run on the model's device, in its precision
     forward = bound_forward(model, state)
     fast = FastCPUOps(reference.device)
