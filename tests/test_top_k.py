@@ -1,0 +1,249 @@
+"""Figure 2's top k per feature against brute force, for every kind of data, merged shards, memory and errors."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import zf_shaped
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from lightning_deconv.analysis.top_k import TopK, merge_top_k, top_k
+
+# Layers of the ZF-shaped net: pool1 (switches), relu2, pool2 (switches, ceil mode), relu4, pool5 (2 x 1 map).
+FEATURES = {"2": [0, 3, 7], "4": [1, 6], "5": [2, 15], "9": [0, 5, 20], "12": [4, 9]}
+N, K = 23, 5
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return zf_shaped().double().eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(N, 3, 97, 91, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def brute_force(net: nn.Sequential, images: torch.Tensor, layer: str, channels: list[int], k: int):
+    """Run the model on every image; per channel, each image's maximum over positions, sorted descending
+    with the earlier image first among equals. Returns ``(index, value, position)`` lists per channel."""
+    with torch.no_grad():
+        acts = net[: int(layer) + 1](images.clone())
+    out = []
+    for channel in channels:
+        maps = acts[:, channel].flatten(1)
+        value, flat = maps.max(dim=1)
+        order = sorted(range(len(images)), key=lambda i: (-value[i].item(), i))[:k]
+        width = acts.shape[-1]
+        out.append(([*order], value[order].tolist(), [(int(flat[i]) // width, int(flat[i]) % width) for i in order]))
+    return out, acts
+
+
+def assert_brute_force(net, images, found: dict[str, TopK], k=K, features=FEATURES):
+    assert list(found) == list(features)
+    for layer, channels in features.items():
+        want, acts = brute_force(net, images, layer, channels, k)
+        top = found[layer]
+        assert top.channels.tolist() == channels and top.map_size == tuple(acts.shape[-2:])
+        assert top.value.shape == top.index.shape == (len(channels), min(k, len(images)))
+        for row, (index, value, position) in enumerate(want):
+            assert top.index[row].tolist() == index
+            assert top.value[row].tolist() == pytest.approx(value, rel=1e-9)
+            assert [tuple(p) for p in top.position[row].tolist()] == position
+        # the positions really hold the reported values
+        c = torch.tensor(channels).unsqueeze(1)
+        held = acts[top.index, c, top.position[..., 0], top.position[..., 1]]
+        torch.testing.assert_close(held, top.value, rtol=1e-9, atol=0)
+        pool = net[int(layer)]
+        if isinstance(pool, nn.MaxPool2d):  # the switch is where in the pooling's input the maximum came from
+            with torch.no_grad():
+                before = net[: int(layer)](images.clone())
+            at = before[top.index, c, top.switch[..., 0], top.switch[..., 1]]
+            torch.testing.assert_close(at, top.value, rtol=1e-9, atol=0)
+        else:
+            assert top.switch is None
+
+
+class DictItems(Dataset):
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"label": i % 3, "image": self.images[i]}
+
+
+class Stream(IterableDataset):
+    """Yields the images in a fixed shuffled order; records each yielded item so tests can watch it die."""
+
+    def __init__(self, images: torch.Tensor, order: list[int]) -> None:
+        self.images, self.order = images, order
+        self.yielded: list[weakref.ref] = []
+        self.alive_at_yield: list[int] = []
+
+    def __iter__(self):
+        for i in self.order:
+            self.alive_at_yield.append(sum(ref() is not None for ref in self.yielded))
+            item = self.images[i].clone()
+            self.yielded.append(weakref.ref(item))
+            yield item, i
+
+
+def stream_order() -> list[int]:
+    return torch.randperm(N, generator=torch.Generator().manual_seed(5)).tolist()
+
+
+@pytest.mark.parametrize(
+    "kind", ["tensor", "tensor_dataset", "dict_dataset", "loader_tuples", "loader_dicts", "iterable"]
+)
+def test_equals_brute_force(net, images, kind):
+    """Exactly the brute-force ranking for every kind of data; batch size 4 does not divide 23."""
+    if kind == "tensor":
+        data, seen = images, images
+    elif kind == "tensor_dataset":
+        data, seen = TensorDataset(images, torch.arange(N)), images
+    elif kind == "dict_dataset":
+        data, seen = DictItems(images), images
+    elif kind == "loader_tuples":
+        data, seen = DataLoader(TensorDataset(images, torch.arange(N)), batch_size=4), images
+    elif kind == "loader_dicts":
+        data, seen = DataLoader(DictItems(images), batch_size=4), images
+    else:
+        order = stream_order()
+        data, seen = Stream(images, order), images[order]  # indices count in the stream's order
+    found = top_k(net, data, FEATURES, k=K, batch_size=4)
+    assert_brute_force(net, seen, found)
+    kept = kind.startswith("loader") or kind == "iterable"
+    for top in found.values():  # loaders and streams keep the chosen images; indexable data does not
+        assert (top.images is not None) == kept
+        if kept:
+            assert torch.equal(top.images, seen[top.index])
+
+
+def test_shuffled_loader_counts_in_the_order_it_yields(net, images):
+    def loader() -> DataLoader:
+        ds = TensorDataset(images, torch.arange(N))
+        return DataLoader(ds, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(3))
+
+    seen = torch.cat([batch[0] for batch in loader()])
+    found = top_k(net, loader(), FEATURES, k=K)
+    assert_brute_force(net, seen, found)
+    assert all(torch.equal(top.images, seen[top.index]) for top in found.values())
+
+
+def test_ties_go_to_the_earlier_image_and_position(net):
+    """Blank images give the same value at every position of every image: images 0..k-1, position (0, 0)."""
+    blank = torch.zeros(11, 3, 97, 91, dtype=torch.float64)
+    found = top_k(net, blank, FEATURES, k=4, batch_size=3)
+    for top in found.values():
+        assert top.index.tolist() == [[0, 1, 2, 3]] * len(top.channels)
+        assert (top.position == 0).all()
+    # duplicated images in different batches: the copy seen first ranks first
+    images = torch.randn(6, 3, 97, 91, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    twice = torch.cat([images, images])
+    found = top_k(net, twice, {"9": [0, 5]}, k=12, batch_size=1)
+    for row in found["9"].index.tolist():
+        assert all(row.index(i) < row.index(i + 6) for i in range(6))
+
+
+def test_merge_of_shards_equals_the_whole(net, images):
+    whole = top_k(net, images, FEATURES, k=K, batch_size=5)
+    # contiguous halves, with offsets
+    halves = [top_k(net, images[:9], FEATURES, k=K), top_k(net, images[9:], FEATURES, k=K)]
+    merged = merge_top_k(halves, offsets=[0, 9])
+    # DistributedSampler-style shards: rank r takes r, r + 3, ...; the shards are padded with image 0 and 1
+    order = torch.cat([torch.arange(N), torch.tensor([0])])
+    shards = [order[r::3] for r in range(3)]
+    parts = [top_k(net, images[shard], FEATURES, k=K, batch_size=2) for shard in shards]
+    interleaved = merge_top_k(parts, offsets=shards)
+    for layer, want in whole.items():
+        for got in (merged[layer], interleaved[layer]):
+            assert torch.equal(got.index, want.index) and torch.equal(got.position, want.position)
+            torch.testing.assert_close(got.value, want.value, rtol=1e-9, atol=0)
+            assert (got.switch is None) == (want.switch is None)
+            assert got.switch is None or torch.equal(got.switch, want.switch)
+    # with global indices already applied, and kept images travel along
+    kept = [{n: t.reindexed(shard) for n, t in p.items()} for p, shard in zip(parts, shards, strict=True)]
+    kept = [{n: TopK(**{**t.__dict__, "images": images[t.index]}) for n, t in p.items()} for p in kept]
+    again = merge_top_k(kept)
+    for layer, want in whole.items():
+        assert torch.equal(again[layer].index, want.index)
+        assert torch.equal(again[layer].images, images[want.index])
+
+
+def test_fewer_images_than_k_gives_all_of_them(net, images):
+    found = top_k(net, images[:3], FEATURES, k=9)
+    assert_brute_force(net, images[:3], found, k=3)
+    assert all(top.k == 3 for top in found.values())
+    assert merge_top_k([found, found])["9"].k == 3  # the same 3 images twice are still 3 images
+
+
+def test_max_batches_scans_a_prefix(net, images):
+    found = top_k(net, DataLoader(TensorDataset(images), batch_size=4), FEATURES, k=K, max_batches=3)
+    assert_brute_force(net, images[:12], found)
+
+
+def test_memory_does_not_grow_with_the_data(net, images):
+    """Only the running top k and one batch are held: each streamed item dies within two batches, and the
+    results are [F, k] whatever the number of images."""
+    order = list(range(N)) * 4  # 92 images
+    stream = Stream(images, order)
+    found = top_k(net, stream, FEATURES, k=K, batch_size=4)
+    assert max(stream.alive_at_yield) <= 2 * 4
+    gc.collect()
+    assert sum(ref() is not None for ref in stream.yielded) == 0  # kept images are copies, not the items
+    for top in found.values():
+        assert top.index.shape == (len(top.channels), K) and top.images.shape[:2] == (len(top.channels), K)
+
+
+def test_no_side_effects():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 4, 3))
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    loader = DataLoader(TensorDataset(torch.randn(10, 3, 12, 12)), batch_size=4, shuffle=True)
+    rng = torch.get_rng_state()
+    top_k(model, loader, {"3": [0, 1], "4": [2]}, k=3)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"k": 0}, ValueError, "`k` must be at least 1"),
+        ({"batch_size": 0}, ValueError, "`batch_size` must be at least 1"),
+        ({"max_batches": 0}, ValueError, "`max_batches` must be at least 1"),
+        ({"layers": {"nope": [0]}}, ValueError, "Unknown layer 'nope'"),
+        ({"layers": {"2": []}}, ValueError, "No channels given"),
+        ({"layers": {"2": [8]}}, ValueError, "out of range"),
+        ({"data": torch.zeros(0, 3, 97, 91)}, ValueError, "holds no images"),
+        ({"data": DataLoader(TensorDataset(torch.zeros(0, 3, 8, 8)))}, ValueError, "holds no images"),
+        ({"data": torch.zeros(2, 1, 97, 91)}, ValueError, "channels"),
+        ({"data": [1, 2]}, TypeError, "Expected a Tensor, a Dataset or a DataLoader"),
+    ],
+)
+def test_clear_errors(net, images, kwargs, error, message):
+    args = {"data": images[:2], "layers": {"2": [0]}, **kwargs}
+    with pytest.raises(error, match=message):
+        top_k(net, **args)
+
+
+def test_merge_errors(net, images):
+    a = top_k(net, images[:3], {"2": [0]}, k=2)
+    b = top_k(net, images[:3], {"2": [1]}, k=2)
+    with pytest.raises(ValueError, match="same layers with the same channels"):
+        merge_top_k([a, b])
+    with pytest.raises(ValueError, match="one offset per part"):
+        merge_top_k([a, a], offsets=[0])
+    with pytest.raises(ValueError, match="at least one part"):
+        merge_top_k([])
