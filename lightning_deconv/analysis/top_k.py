@@ -155,11 +155,12 @@ class _RunningTopK:
                 channels[rows[fresh]], best.value[fresh], order[fresh] - kept, best.position[fresh], new.map_size
             )
             best.switch[fresh] = _switches(self.modules[name], layer_input, winners)
-        if self.keep:
-            # One pool of images, the kept ones then the batch's; copies, so the batch itself is not held.
-            pool = self.batch if previous is None else torch.cat([previous.images.flatten(0, 1), self.batch])
-            at = torch.where(fresh, f * kept + order - kept, rows * kept + order)
-            best = replace(best, images=pool[at.flatten()].view(*order.shape, *self.batch.shape[1:]))
+        if self.keep:  # copies of the chosen images, so that the batch itself is not held
+            images = self.batch.new_empty((*order.shape, *self.batch.shape[1:]))
+            images[fresh] = self.batch[order[fresh] - kept]
+            if previous is not None:
+                images[~fresh] = previous.images[rows[~fresh], order[~fresh]]
+            best = replace(best, images=images)
         return best
 
 

@@ -1,0 +1,193 @@
+"""Benchmark: what Figure 2's top-k scan costs, against one plain forward pass of the same images.
+
+For a model and N images, ``top_k`` (k=9, ``--features`` channels in each of conv1..conv5: ``pool1, pool2,
+relu3, relu4, pool5``) against the unavoidable work: one forward pass of the same N images, in the same
+batches, to the deepest layer (no_grad, eval), with the model as is (NCHW) and channels-last; the faster of
+the two is the limit. Timings are interleaved (``timed`` from ``scripts/benchmark.py``: a warm-up round, then
+``--repeats`` rounds in which the three take turns), so machine drift moves them alike. Then the peak extra
+memory (RSS) of a scan over a loader of lazily made images, for two N: it must stay flat, since only the
+running top k (and the k chosen images per feature) and one batch are held.
+
+Two models: the full ZFNet at 224x224 (random weights, 1000 classes) and the demo's (width 0.5, 64x64).
+Prints a Markdown table and writes JSON with the machine, torch version and settings.
+
+Usage::
+
+    python scripts/benchmark_top_k.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import cpu_name, peak_rss_mb, reset_peak_rss, rss_mb, timed
+
+from lightning_deconv.analysis.top_k import top_k
+from lightning_deconv.layers import eval_mode, resolve_layers, run_until
+from lightning_deconv.paper.models import ZFNet
+from lightning_deconv.selection import choose_features
+
+LAYERS = ("features.pool1", "features.pool2", "features.relu3", "features.relu4", "features.pool5")
+
+
+class NoiseImages(Dataset):
+    """``n`` images made on demand (seeded by index), so the data itself takes no memory."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(i)), 0
+
+
+def plain_forward(model: nn.Module, images: Tensor, batch_size: int, channels_last: bool) -> Callable[[], None]:
+    """One forward of ``images`` in batches to the deepest layer, nothing kept: the limit."""
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    target = resolve_layers(model, [LAYERS[-1]])
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def run() -> None:
+        with torch.no_grad(), eval_mode(model):
+            for batch in images.split(batch_size):
+                run_until(model, batch.contiguous(memory_format=layout), target, lambda *_: None)
+
+    return run
+
+
+def features_of(model: nn.Module, count: int) -> dict[str, list[int]]:
+    modules = dict(model.named_modules())
+    return {
+        name: choose_features(modules[name.replace("pool", "conv").replace("relu", "conv")].out_channels, count, i)
+        for i, name in enumerate(LAYERS)
+    }
+
+
+def scan_cost(model: nn.Module, n: int, size: int, features: dict, batch_size: int, repeats: int) -> dict:
+    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times = timed(
+        {
+            "as_is": plain_forward(model, images, batch_size, channels_last=False),
+            "cl": plain_forward(model, images, batch_size, channels_last=True),
+            "top_k": lambda: top_k(model, images, features, k=9, batch_size=batch_size),
+        },
+        repeats,
+        torch.device("cpu"),
+    )
+    limit = min(times["as_is"], times["cl"], key=lambda t: t["median"])
+    return {
+        "images": n,
+        "forward_as_is_s": times["as_is"],
+        "forward_channels_last_s": times["cl"],
+        "limit_s": limit,
+        "top_k_s": times["top_k"],
+        "ratio": times["top_k"]["median"] / limit["median"],
+        "per_image_ms": 1000 * times["top_k"]["median"] / n,
+    }
+
+
+def scan_memory(model: nn.Module, counts: list[int], size: int, features: dict, batch_size: int) -> dict:
+    """Peak extra RSS of a scan over a loader (images kept) for each N, and what the result holds."""
+    top_k(model, DataLoader(NoiseImages(batch_size, size), batch_size=batch_size), features)  # warm-up
+    peaks, state = {}, {}
+    for n in counts:
+        loader = DataLoader(NoiseImages(n, size), batch_size=batch_size)
+        reset_peak_rss()
+        before = rss_mb()
+        found = top_k(model, loader, features, k=9)
+        peaks[n] = peak_rss_mb() - before
+        held = [t for top in found.values() for t in (top.value, top.index, top.position, top.switch, top.images)]
+        state[n] = sum(t.nbytes for t in held if t is not None) / 2**20
+    return {"peak_extra_mb": peaks, "result_mb": state}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--features", type=int, default=8, help="channels per layer")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--full-images", type=int, default=512, help="N for the full ZFNet at 224 px")
+    parser.add_argument("--demo-images", type=int, default=4096, help="N for the demo ZFNet at 64 px")
+    parser.add_argument("--full-memory", type=int, nargs=2, default=(256, 1024), help="two N for the memory check")
+    parser.add_argument("--demo-memory", type=int, nargs=2, default=(512, 4096))
+    parser.add_argument("--output", default="runs/benchmark_top_k.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    report: dict = {
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "settings": {**vars(args), "k": 9, "layers": list(LAYERS)},
+    }
+    print(f"# top_k benchmark on {report['machine']}", flush=True)
+    setups = {
+        "full ZFNet, 224 px": (ZFNet(num_classes=1000).eval(), 224, args.full_images, args.full_memory),
+        "demo ZFNet (width 0.5), 64 px": (
+            ZFNet(num_classes=10, width=0.5, input_size=64).eval(),
+            64,
+            args.demo_images,
+            args.demo_memory,
+        ),
+    }
+    for name, (model, size, n, memory) in setups.items():
+        features = features_of(model, args.features)
+        result = scan_cost(model, n, size, features, args.batch_size, args.repeats)
+        result["memory"] = scan_memory(model, list(memory), size, features, args.batch_size)
+        report[name] = result
+        print(name, json.dumps(result, indent=1), flush=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    print(table(report, list(setups)))
+
+
+def _seconds(t: dict[str, float]) -> str:
+    return f"{t['median']:.2f} s ({t['min']:.2f}..{t['max']:.2f})"
+
+
+def table(report: dict, setups: list[str]) -> str:
+    rows = ["| measure | " + " | ".join(setups) + " |", "| --- |" + " --- |" * len(setups)]
+    results = [report[s] for s in setups]
+
+    def row(label: str, cell: Callable[[dict], str]) -> None:
+        rows.append(f"| {label} | " + " | ".join(cell(r) for r in results) + " |")
+
+    row("images N", lambda r: str(r["images"]))
+    row("plain forward to pool5, NCHW", lambda r: _seconds(r["forward_as_is_s"]))
+    row("plain forward to pool5, channels-last", lambda r: _seconds(r["forward_channels_last_s"]))
+    row("`top_k`, k=9, 5 layers x 8 features", lambda r: _seconds(r["top_k_s"]))
+    row("**top_k / limit** (the faster forward; target <= 1.3x)", lambda r: f"**{r['ratio']:.2f}x**")
+    row(
+        "peak extra memory (RSS) of a scan over a loader, by N",
+        lambda r: ", ".join(f"N={n}: {m:.0f} MiB" for n, m in r["memory"]["peak_extra_mb"].items()),
+    )
+    row(
+        "the result (top 9 with the images kept), by N",
+        lambda r: ", ".join(f"{m:.1f} MiB" for m in r["memory"]["result_mb"].values()),
+    )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
