@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from lightning_deconv.engine import Projection, deconvolve, project
+from lightning_deconv.engine import Projection, Projector, deconvolve, project
 from lightning_deconv.geometry import ReceptiveField, receptive_field
 from lightning_deconv.render import crop, evolution_grid, normalize, projection_grid, support_boxes
 from lightning_deconv.selection import Maxima, choose_features, find_maxima
@@ -12,6 +12,7 @@ __all__ = [
     "DeconvCallback",
     "Maxima",
     "Projection",
+    "Projector",
     "ReceptiveField",
     "choose_features",
     "crop",

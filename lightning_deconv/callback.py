@@ -1,43 +1,53 @@
 """DeconvCallback: feature evolution during training, logged to TensorBoard (Zeiler & Fergus 2014, Fig. 4).
 
 At chosen epochs the callback takes a fixed probe set, finds each tracked feature's strongest activation
-over it, projects that activation back to pixel space with the deconvnet (:mod:`lightning_deconv.engine`)
-and logs, per layer, an *evolution grid*: rows are features, columns the epochs fired so far.
+over it, projects that activation back to pixel space with the deconvnet and logs, per layer, an *evolution
+grid*: rows are features, columns the epochs fired so far. The projecting is the engine's
+(:class:`~lightning_deconv.engine.Projector`, one plan for the whole fit); the callback only decides what
+to watch, schedules, splits and gathers the work under DDP, and logs.
 """
 
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import save_image
 
 from lightning_deconv._compat import callback_bases, override, rank_zero_info, rank_zero_warn
-from lightning_deconv.engine import MODES, RULES, project
-from lightning_deconv.geometry import ReceptiveField, receptive_field
-from lightning_deconv.layers import check_images, eval_mode, layer_name
-from lightning_deconv.render import crop, evolution_grid, projection_grid, support_boxes
-from lightning_deconv.selection import auto_layers, choose_features, draw_probe, find_maxima, trace
+from lightning_deconv.engine import CROPS, MODES, Projection, Projector
+from lightning_deconv.layers import check_images, layer_name
+from lightning_deconv.probe import draw_probe, untouched_rng
+from lightning_deconv.render import evolution_grid, projection_grid
+from lightning_deconv.rules import RULES
+from lightning_deconv.selection import auto_layers, choose_features, trace
 
 __all__ = ["PAPER_EPOCHS", "DeconvCallback"]
 
 PAPER_EPOCHS: tuple[int, ...] = (1, 2, 5, 10, 20, 30, 40, 64)
-CROPS = ("receptive_field", "support", "none")
 
 
 def _normalise_epochs(epochs: Sequence[int]) -> tuple[int, ...]:
     """Sorted, de-duplicated 1-based epochs; zero, negative or non-integer epochs are rejected."""
     bad = [e for e in epochs if isinstance(e, bool) or not isinstance(e, int) or e < 1]
-    if bad:
+    if isinstance(epochs, (str, bytes)) or bad:
         raise ValueError(
-            f"`epochs` must be positive integers counted from 1 (epoch 1 = after the first pass); got {bad}."
+            f"`epochs` must be positive integers counted from 1 (epoch 1 = after the first pass); got {epochs!r}."
         )
     return tuple(sorted(set(epochs)))
+
+
+def _check_int(value: Any, label: str, minimum: int | None = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{label}` must be an integer, got {type(value).__name__} {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{label}` must be at least {minimum}, got {value}.")
 
 
 class DeconvCallback(*callback_bases()):
@@ -45,16 +55,20 @@ class DeconvCallback(*callback_bases()):
 
     Works with ``lightning.pytorch.Trainer`` and ``pytorch_lightning.Trainer``. Monitoring never changes
     training: projections run in eval mode on the live weights, consume no random numbers, leave no
-    gradients and move no BatchNorm statistics.
+    gradients and move no BatchNorm statistics. It never stops training either: a firing that fails (or
+    meets NaN/Inf activations) warns with the cause and training goes on; ``strict=True`` raises instead.
 
     Args:
         probe: the fixed probe images: a ``[N, C, H, W]`` tensor (normalised as the model expects), a
-            ``Dataset`` of images or ``(image, target)`` pairs (``probe_size`` items drawn with ``seed``),
-            or ``None`` to draw them at fit start from the datamodule's ``probe_dataset()``, else its
-            validation set, else its training set (random transforms made deterministic by seeding).
-        probe_size: how many images to draw when ``probe`` is a dataset or ``None``.
-        layers: ``"auto"`` (the conv stages; ZFNet/AlexNet: conv1..conv5 after ReLU and pooling) or a
-            list of module names from ``model.named_modules()``.
+            ``Dataset`` or ``DataLoader`` (``probe_size`` images drawn with ``seed``), or ``None`` to draw them
+            at fit start from the datamodule's ``probe_dataset()``, else the validation data, else the
+            training data, wherever they are defined (loaders passed to ``fit()``, a datamodule, or the
+            LightningModule's hooks). Random transforms are made deterministic by seeding each item.
+        probe_size: how many images to draw when ``probe`` is not a tensor.
+        probe_key: the image's key in dict items or batches (default: ``"image"``, ``"images"``, ``"x"``, ...).
+        layers: ``"auto"`` (the conv stages; ZFNet/AlexNet: conv1..conv5 after ReLU and pooling; VGG: the
+            pooled stages; ResNet: the stem and ``layer1..layer4``, also inside ``self.net``-style wrappers)
+            or a list of module names from ``model.named_modules()``.
         features_per_layer: how many channels to track per layer, a seeded random subset (the paper's
             "randomly chosen subset").
         features: explicit ``{layer: [channels]}``; overrides ``layers`` and ``features_per_layer``.
@@ -69,11 +83,12 @@ class DeconvCallback(*callback_bases()):
         show_patches: show the matching probe-image patch beside each projection.
         seed: seeds the probe draw and the feature choice.
         batch_size: probe images per forward pass when searching the maxima.
+        strict: raise on a failing firing instead of warning and going on (for debugging).
 
     Raises:
-        ValueError: at construction for invalid arguments, and at fit start (before any training step)
-            for unknown layers (nearest names listed), a probe that does not fit the model (checked with
-            one dry forward), an empty probe or more features than a layer has channels.
+        TypeError, ValueError: at construction for invalid arguments; at fit start (before any training step)
+            for unknown layers (nearest names listed), a probe that does not fit the model (checked with one
+            dry forward), holds NaN/Inf or is not images, or more features than a layer has channels.
 
     Logs, on rank 0, per layer: ``deconv/<layer>/evolution`` (the evolution grid so far) and
     ``deconv/<layer>/epoch`` (this firing's features), both with ``global_step`` = epoch, and the scalar
@@ -90,8 +105,9 @@ class DeconvCallback(*callback_bases()):
 
     def __init__(
         self,
-        probe: Tensor | Dataset | None = None,
+        probe: Tensor | Dataset | DataLoader | None = None,
         probe_size: int = 32,
+        probe_key: str | None = None,
         layers: str | Sequence[str] = "auto",
         features_per_layer: int = 8,
         features: Mapping[str, Sequence[int]] | None = None,
@@ -103,20 +119,22 @@ class DeconvCallback(*callback_bases()):
         show_patches: bool = False,
         seed: int = 0,
         batch_size: int = 64,
+        strict: bool = False,
     ) -> None:
-        if probe is not None and not isinstance(probe, (Tensor, Dataset)):
-            raise TypeError(f"`probe` must be a Tensor, a Dataset or None, got {type(probe).__name__}.")
+        if probe is not None and not isinstance(probe, (Tensor, Dataset, DataLoader)):
+            raise TypeError(f"`probe` must be a Tensor, a Dataset, a DataLoader or None, got {type(probe).__name__}.")
         if isinstance(probe, Tensor) and (probe.dim() != 4 or len(probe) == 0):
             raise ValueError(f"A probe tensor must be non-empty [N, C, H, W], got shape {tuple(probe.shape)}.")
+        if probe_key is not None and not isinstance(probe_key, str):
+            raise TypeError(f"`probe_key` must be a string (a key of the dict items), got {probe_key!r}.")
         if layers != "auto" and (isinstance(layers, str) or not layers):
             raise ValueError(f"`layers` must be 'auto' or a non-empty list of module names, got {layers!r}.")
         if features is not None and (not features or any(len(c) == 0 for c in features.values())):
             raise ValueError("`features` must map each layer name to a non-empty list of channels.")
         for value, label in ((probe_size, "probe_size"), (features_per_layer, "features_per_layer")):
-            if value < 1:
-                raise ValueError(f"`{label}` must be at least 1, got {value}.")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+            _check_int(value, label)
+        _check_int(batch_size, "batch_size")
+        _check_int(seed, "seed", minimum=None)
         for value, allowed, label in ((mode, MODES, "mode"), (rule, RULES, "rule"), (crop, CROPS, "crop")):
             if value not in allowed:
                 raise ValueError(f"Unknown {label} {value!r}; choose one of {allowed}.")
@@ -124,21 +142,22 @@ class DeconvCallback(*callback_bases()):
         if not self.epochs and not fire_at_end:
             raise ValueError("Nothing would ever fire: give some `epochs` or set `fire_at_end=True`.")
         self.probe_source = probe
-        self.probe_size = probe_size
+        self.probe_size, self.probe_key = probe_size, probe_key
         self.layers = layers
         self.features_per_layer = features_per_layer
         self.explicit_features = {k: [int(c) for c in v] for k, v in (features or {}).items()}
         self.fire_at_end = fire_at_end
         self.mode, self.rule, self.crop, self.show_patches = mode, rule, crop, show_patches
-        self.seed, self.batch_size = seed, batch_size
-        # Per-run state, created in setup() or restored by load_state_dict().
+        self.seed, self.batch_size, self.strict = seed, batch_size, strict
+        # Per-run state: made at fit start, or restored from a checkpoint by load_state_dict().
         self.probe: Tensor | None = None
         self.features: dict[str, list[int]] = {}
-        self.history: dict[str, dict[int, dict[str, Tensor]]] = {}
-        self._fields: dict[str, ReceptiveField | None] = {}
-        self._windows: dict[str, ReceptiveField | None] = {}
-        self._fired_epochs: set[int] = set()
+        self.history: dict[str, dict[int, dict[str, Any]]] = {}
+        self.plan: Projector | None = None
+        self._model: nn.Module | None = None  # what the plan runs: the LightningModule, or its network
         self.firing_seconds: dict[int, float] = {}
+        self._fired_epochs: set[int] = set()
+        self._restored = False
 
     @property
     def state_key(self) -> str:
@@ -146,59 +165,45 @@ class DeconvCallback(*callback_bases()):
             layers=self.layers, features=self.explicit_features, epochs=self.epochs, seed=self.seed
         )
 
-    # ------------------------------------------------------------------ set-up: validate before training
+    # ------------------------------------------------------------------ set-up: when the model is final
     @override
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
-            return
-        self.probe = self._resolve_probe(trainer)
-        check_images(pl_module, self.probe)
-        param = next(pl_module.parameters())
-        seen = trace(pl_module, self.probe[:1].to(param.device, param.dtype))
-        self.features = self._choose_features(pl_module, seen)
-        self.history = {layer: {} for layer in self.features}
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # After configure_model, the move to the device and checkpoint restore; before the first step, so
+        # that bad input fails here and not hours into training.
+        self._model = model = _projected_model(pl_module)
+        if not self._restored:
+            self.probe = _same_on_every_rank(trainer, self._draw_probe(trainer))
+            self.features = self._choose_features(model, self.probe)
+            self.history = {layer: {} for layer in self.features}
+        self._restored = False
         self._fired_epochs = set()
         self.firing_seconds = {}
-        fields = {layer: self._receptive_field(pl_module, layer) for layer in self.features}
-        self._fields = fields if self.crop == "receptive_field" else {}
-        self._windows = self._exact_windows(pl_module, fields)
+        self.plan = self._make_plan(model)
+        _say(trainer, f"DeconvCallback: {self.plan.describe()}")
 
-    def _resolve_probe(self, trainer: Any) -> Tensor:
+    def _draw_probe(self, trainer: Any) -> Tensor:
         source = self.probe_source
         if isinstance(source, Tensor):
-            return source.detach().cpu()
+            return draw_probe(source, len(source), self.seed)  # every image, in order, checked
         if source is None:
-            source = self._dataset_from(trainer)
-        images, _ = draw_probe(source, self.probe_size, self.seed)
-        return images
+            with untouched_rng():
+                source = _data_source(trainer)
+        return draw_probe(source, self.probe_size, self.seed, self.probe_key)
 
-    @staticmethod
-    def _dataset_from(trainer: Any) -> Dataset:
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "probe_dataset"):
-            return datamodule.probe_dataset()
-        for owner in (datamodule, trainer.lightning_module):
-            for method in ("val_dataloader", "train_dataloader"):
-                try:
-                    loader = getattr(owner, method, None) and getattr(owner, method)()
-                except NotImplementedError:  # a LightningModule that does not define it
-                    loader = None
-                if loader is not None and hasattr(loader, "dataset"):
-                    return loader.dataset
-        raise ValueError(
-            "DeconvCallback(probe=None) needs a datamodule (or LightningModule) with a val_dataloader or "
-            "train_dataloader to draw the probe from. Pass `probe=` a tensor of images or a Dataset."
-        )
-
-    def _choose_features(self, pl_module: Any, seen: Any) -> dict[str, list[int]]:
+    def _choose_features(self, model: nn.Module, probe: Tensor) -> dict[str, list[int]]:
+        check_images(model, probe)
+        param = next(model.parameters())
+        seen = trace(model, probe[:1].to(param.device, param.dtype))
         if self.explicit_features:
-            wanted = {layer_name(pl_module, name): chans for name, chans in self.explicit_features.items()}
+            wanted = {layer_name(model, name): chans for name, chans in self.explicit_features.items()}
         elif self.layers == "auto":
-            wanted = dict.fromkeys(auto_layers(pl_module, seen))
+            wanted = dict.fromkeys(auto_layers(model, seen))
         else:
-            wanted = dict.fromkeys(layer_name(pl_module, name) for name in self.layers)
+            wanted = dict.fromkeys(layer_name(model, name) for name in self.layers)
         if not wanted:
-            raise ValueError(f"Found no convolutional stages in {type(pl_module).__name__}; name `layers`.")
+            raise ValueError(
+                f"Found no convolutional stages in {type(model).__name__}; name the layers to watch with `layers=`."
+            )
         chosen = {}
         for index, (name, channels) in enumerate(wanted.items()):
             if name not in seen.shapes:
@@ -220,41 +225,10 @@ class DeconvCallback(*callback_bases()):
             chosen[name] = list(channels)
         return chosen
 
-    def _receptive_field(self, pl_module: Any, layer: str) -> ReceptiveField | None:
-        try:
-            return receptive_field(pl_module, layer, tuple(self.probe.shape[1:]))
-        except ValueError as error:
-            if self.crop == "receptive_field":
-                rank_zero_warn(f"DeconvCallback: {error} Cropping {layer!r} to the projections' support.")
-            return None
-
-    def _exact_windows(
-        self, pl_module: Any, fields: dict[str, ReceptiveField | None]
-    ) -> dict[str, ReceptiveField | None]:
-        """Per layer, its field if projecting on receptive-field windows is exact for this model, else None.
-
-        Windows are what keeps a firing cheap (deep layers see a part of the image, shallow ones a patch),
-        but they are only as right as the traced geometry, so they are checked once here against whole-image
-        projections of a few probe images.
-        """
-        known = {layer: field for layer, field in fields.items() if field is not None}
-        if not known or self.mode != "max":
-            return dict.fromkeys(fields)
-        probe = self.probe[:4].to(next(pl_module.parameters()).device)
-        with eval_mode(pl_module):
-            maxima = find_maxima(pl_module, probe, {layer: self.features[layer] for layer in known})
-        windows: dict[str, ReceptiveField | None] = dict.fromkeys(fields)
-        for layer, field in known.items():
-            whole = project(pl_module, probe, layer, maxima[layer], rule=self.rule)
-            windowed = project(pl_module, probe, layer, maxima[layer], rule=self.rule, field=field)
-            scale = whole.abs().amax()
-            if scale > 0 and (windowed - whole).abs().amax() <= 1e-4 * scale:
-                windows[layer] = field
-            else:
-                rank_zero_warn(
-                    f"DeconvCallback: projecting {layer!r} on whole images (its receptive field is not exact)."
-                )
-        return windows
+    def _make_plan(self, model: nn.Module) -> Projector:
+        return Projector(
+            model, self.features, self.probe.shape[1:], self.rule, self.mode, self.crop, batch_size=self.batch_size
+        )
 
     # ------------------------------------------------------------------ when to fire
     @override
@@ -285,23 +259,82 @@ class DeconvCallback(*callback_bases()):
 
     # ------------------------------------------------------------------ one firing
     def _fire(self, trainer: Any, pl_module: Any, epoch: int) -> None:
+        """Every rank projects its share and reaches the gather, failed or not, so no collective can hang; rank 0
+        alone merges, logs and writes."""
         start = time.perf_counter()
-        rank, world = trainer.global_rank, trainer.world_size
-        share = {layer: chans[rank::world] for layer, chans in self.features.items() if chans[rank::world]}
-        mine = self.snapshot(pl_module, share, _rank_zero_buffers(pl_module, world))
-        results = _gather_to_zero(mine, world)
         self._fired_epochs.add(epoch)  # every rank must agree on what has fired, or collectives would hang
+        rank, world = trainer.global_rank, trainer.world_size
+        state = _rank_zero_buffers(self._model, world)
+        try:
+            mine: Any = self._project_share(rank, world, state)
+        except Exception as error:  # a firing must never stop training
+            if self.strict:
+                raise
+            mine = _Failure(f"rank {rank}: {type(error).__name__}: {error}", traceback.format_exc())
+        parts = _gather_to_zero(mine, world)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
-        layers = {layer: _interleave([r[layer] for r in results if layer in r], world) for layer in self.features}
+        try:
+            failures = [p for p in parts if isinstance(p, _Failure)]
+            if failures:
+                raise _FiringFailed(failures)
+            self._record(trainer, Path(log_dir) / "deconv", epoch, self._merge(parts), start)
+        except Exception as error:
+            if self.strict:
+                raise
+            detail = "".join(f.traceback for f in getattr(error, "failures", [])) or traceback.format_exc()
+            rank_zero_warn(
+                f"DeconvCallback: the firing after epoch {epoch} failed and was skipped ({error}); training goes "
+                f"on and the next firing tries again. Pass strict=True to raise instead.\n{detail}"
+            )
+
+    def _project_share(self, rank: int, world: int, state: dict[str, Tensor] | None) -> dict[str, Any]:
+        """This rank's share of every layer's projections (``rows[rank::world]``), with the maxima of all."""
+        model = self._model
+        if not self.plan.fits(model, self.probe.shape[1:]):
+            self.plan = self._make_plan(model)  # the model changed structure since the last firing
+        probe = self.probe.to(next(model.parameters()).device)
+        maxima = self.plan.maxima(probe, state)
+        share = {layer: found.take(range(rank, len(found.channels), world)) for layer, found in maxima.items()}
+        share = {layer: found for layer, found in share.items() if len(found.channels)}
+        projected = self.plan.project(probe, share, state) if share else {}
+        return {"maxima": maxima, "images": {layer: p.images for layer, p in projected.items()}}
+
+    def _merge(self, parts: list[dict[str, Any]]) -> dict[str, Projection]:
+        """Put the ranks' shares back in feature order (rank ``r`` held rows ``r, r + world, ...``) and crop."""
+        world, maxima = len(parts), parts[0]["maxima"]
+        merged = {}
+        for layer, found in maxima.items():
+            images = torch.zeros(len(found.channels), *self.probe.shape[1:])
+            for rank, part in enumerate(parts):
+                if layer in part["images"]:
+                    images[rank::world] = part["images"][layer]
+            merged[layer] = self.plan.finish(layer, images, found, self.probe)
+        return merged
+
+    def snapshot(self) -> dict[str, Projection]:
+        """Project the tracked features now, as a firing does (on one process), without logging anything."""
+        return self._merge([self._project_share(0, 1, None)])
+
+    def _record(self, trainer: Any, out_dir: Path, epoch: int, layers: dict[str, Projection], start: float) -> None:
         for layer, result in layers.items():
-            self.history[layer][epoch] = {"crops": result["crops"], "patches": result["patches"]}
-        out_dir = Path(log_dir) / "deconv"
+            finite = torch.isfinite(result.value) & torch.isfinite(result.images).flatten(1).all(dim=1)
+            marks = [None if ok else "NaN" for ok in finite.tolist()]
+            if not finite.all():
+                rank_zero_warn(
+                    f"DeconvCallback: after epoch {epoch}, {int((~finite).sum())} features of {layer!r} have NaN/Inf "
+                    "activations or projections (diverged weights?); they are marked in the grid."
+                )
+            self.history[layer][epoch] = {
+                "crops": torch.nan_to_num(result.crops, nan=0.0, posinf=0.0, neginf=0.0),
+                "patches": result.patches,
+                "marks": marks,
+            }
         out_dir.mkdir(parents=True, exist_ok=True)
+        saved = {layer: _as_dict(result) for layer, result in layers.items()}
         torch.save(
-            {"epoch": epoch, "mode": self.mode, "rule": self.rule, "layers": layers},
-            out_dir / f"epoch_{epoch:03d}.pt",
+            {"epoch": epoch, "mode": self.mode, "rule": self.rule, "layers": saved}, out_dir / f"epoch_{epoch:03d}.pt"
         )
         for layer, result in layers.items():
             self._log_layer(trainer, out_dir, layer, result, epoch)
@@ -316,50 +349,6 @@ class DeconvCallback(*callback_bases()):
             f"logged deconv/<layer>/evolution; files in {out_dir}",
         )
 
-    def snapshot(
-        self, pl_module: Any, features: dict[str, list[int]] | None = None, state: dict[str, Tensor] | None = None
-    ) -> dict[str, dict[str, Tensor]]:
-        """Project the tracked features (or ``features``) now, as a firing does, without logging anything.
-
-        The maxima of every feature come from one forward pass over the probe set, stopped at the deepest
-        layer; then each layer's features are projected in one batch, on receptive-field windows where that
-        is exact. Returns, per layer, ``channels``, ``projections``, ``crops``, ``patches``, ``source``,
-        ``position``, ``value`` and ``boxes``.
-        """
-        share = self.features if features is None else features
-        if not share:
-            return {}
-        device = next(pl_module.parameters()).device
-        probe = self.probe.to(device)
-        with eval_mode(pl_module), torch.inference_mode(False):
-            maxima = find_maxima(pl_module, probe, share, self.batch_size, state)
-        out = {}
-        for layer, found in maxima.items():
-            projections = project(
-                pl_module, probe, layer, found, self.mode, self.rule, state=state, field=self._windows.get(layer)
-            ).cpu()
-            boxes = self._boxes(layer, projections, found.position)
-            out[layer] = {
-                "channels": found.channels,
-                "projections": projections,
-                "crops": crop(projections, boxes),
-                "patches": crop(self.probe[found.source], boxes),
-                "source": found.source,
-                "position": found.position,
-                "value": found.value,
-                "boxes": boxes,
-            }
-        return out
-
-    def _boxes(self, layer: str, projections: Tensor, positions: Tensor) -> Tensor:
-        field = self._fields.get(layer)
-        if field is not None:
-            return field.boxes(positions, within=tuple(projections.shape[-2:]))
-        if self.crop != "none":
-            return support_boxes(projections)
-        h, w = projections.shape[-2:]
-        return torch.tensor([[0, 0, h, w]]).expand(len(projections), -1)
-
     # ------------------------------------------------------------------ output
     def evolution(self, layer: str) -> Tensor:
         """The evolution grid of ``layer`` so far: ``[3, H, W]``, rows = features, columns = epochs."""
@@ -370,12 +359,13 @@ class DeconvCallback(*callback_bases()):
             [f"ep {e}" for e in epochs],
             [f"#{c}" for c in self.features[layer]],
             patches=[columns[e]["patches"] for e in epochs] if self.show_patches else None,
+            marks=[columns[e].get("marks", [None] * len(self.features[layer])) for e in epochs],
         )
 
-    def _log_layer(self, trainer: Any, out_dir: Path, layer: str, result: dict, epoch: int) -> None:
+    def _log_layer(self, trainer: Any, out_dir: Path, layer: str, result: Projection, epoch: int) -> None:
         grid = self.evolution(layer)
-        patches = result["patches"] if self.show_patches else None
-        snapshot = projection_grid(result["crops"], patches, nrow=len(result["crops"]))
+        crops = self.history[layer][epoch]["crops"]
+        snapshot = projection_grid(crops, result.patches if self.show_patches else None, nrow=len(crops))
         save_image(grid, out_dir / f"{layer}_evolution.png")
         for tag, image in ((f"deconv/{layer}/evolution", grid), (f"deconv/{layer}/epoch", snapshot)):
             for logger in trainer.loggers:
@@ -401,6 +391,94 @@ class DeconvCallback(*callback_bases()):
         self.probe = state_dict["probe"]
         self.features = state_dict["features"]
         self.history = state_dict["history"]
+        self._restored = True
+
+
+class _Failure:
+    """A rank's failed share of a firing: what went wrong, sent to rank 0 in place of results."""
+
+    def __init__(self, cause: str, traceback: str) -> None:
+        self.cause, self.traceback = cause, traceback
+
+
+class _FiringFailed(RuntimeError):
+    def __init__(self, failures: list[_Failure]) -> None:
+        super().__init__("; ".join(f.cause for f in failures))
+        self.failures = failures
+
+
+def _as_dict(result: Projection) -> dict[str, Tensor]:
+    """What a firing file keeps of one layer (plain tensors, loadable with ``weights_only=True``)."""
+    return {
+        "channels": result.channels,
+        "projections": result.images,
+        "crops": result.crops,
+        "patches": result.patches,
+        "source": result.source,
+        "position": result.position,
+        "value": result.value,
+        "boxes": result.boxes,
+    }
+
+
+class _ChildForward(nn.Module):
+    """A LightningModule that defines no ``forward`` (its steps call ``self.net(x)``), seen as a model that calls
+    that child: same modules, same names (the children's dict is shared, nothing is copied)."""
+
+    def __init__(self, owner: nn.Module, child: str) -> None:
+        super().__init__()
+        self._modules = owner._modules
+        self.training = owner.training
+        self._child = child
+
+    def forward(self, x: Tensor) -> Any:
+        return self._modules[self._child](x)
+
+
+def _projected_model(pl_module: nn.Module) -> nn.Module:
+    """``pl_module``, or for one without its own ``forward``, the model that calls its only conv-holding child."""
+    if getattr(type(pl_module).forward, "__qualname__", "") != "LightningModule.forward":
+        return pl_module
+    holders = [
+        name for name, child in pl_module.named_children() if any(isinstance(m, nn.Conv2d) for m in child.modules())
+    ]
+    if len(holders) != 1:
+        raise ValueError(
+            f"{type(pl_module).__name__} defines no forward(), and DeconvCallback cannot tell which of its children "
+            f"is the network ({holders or 'none holds a Conv2d'}). Define forward(self, x) to run the network."
+        )
+    return _ChildForward(pl_module, holders[0])
+
+
+def _data_source(trainer: Any) -> Any:
+    """Where ``probe=None`` draws from: the datamodule's ``probe_dataset()``, else the first validation loader,
+    else the first training loader, wherever it is defined (``fit()``, a datamodule, the module's hooks)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "probe_dataset"):
+        return datamodule.probe_dataset()
+    # The loops' data sources know the loaders wherever they were given (fit(), datamodule, module hooks)
+    # before the loops load them.
+    sources = (trainer.fit_loop.epoch_loop.val_loop._data_source, trainer.fit_loop._data_source)
+    for source in sources:
+        if not source.is_defined():
+            continue
+        loader = source.dataloader()
+        while isinstance(loader, (list, tuple, Mapping)) and loader:
+            loader = next(iter(loader.values())) if isinstance(loader, Mapping) else loader[0]
+        if loader is not None:
+            return loader
+    raise ValueError(
+        "DeconvCallback(probe=None) found no data to draw the probe from: no validation or training loader is "
+        "defined (in fit(), a datamodule or the LightningModule). Pass `probe=` a tensor of images, a Dataset or a "
+        "DataLoader."
+    )
+
+
+def _same_on_every_rank(trainer: Any, probe: Tensor) -> Tensor:
+    """Rank 0's probe on every rank (iterable datasets may yield other items on other ranks)."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return trainer.strategy.broadcast(probe, src=0)
+    return probe
 
 
 def _say(trainer: Any, message: str) -> None:
@@ -424,7 +502,7 @@ def _log_image(logger: Any, tag: str, image: Tensor, epoch: int) -> None:
         rank_zero_warn(f"DeconvCallback could not log {tag!r} to {type(logger).__name__}: {error}")
 
 
-def _rank_zero_buffers(model: Any, world: int) -> dict[str, Tensor] | None:
+def _rank_zero_buffers(model: nn.Module, world: int) -> dict[str, Tensor] | None:
     """Under DDP, rank 0's buffers (BatchNorm statistics), which can differ on other ranks between forward
     passes; every rank projects with them, without changing its own copy."""
     if world == 1 or not torch.distributed.is_initialized():
@@ -435,19 +513,10 @@ def _rank_zero_buffers(model: Any, world: int) -> dict[str, Tensor] | None:
     return buffers
 
 
-def _gather_to_zero(mine: dict, world: int) -> list[dict]:
+def _gather_to_zero(mine: Any, world: int) -> list[Any]:
     """Every rank's results, on rank 0 (other ranks get an empty list)."""
     if world == 1 or not torch.distributed.is_initialized():
         return [mine]
-    gathered: list[dict] | None = [{} for _ in range(world)] if torch.distributed.get_rank() == 0 else None
+    gathered: list[Any] | None = [None] * world if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(mine, gathered, dst=0)
     return gathered or []
-
-
-def _interleave(parts: list[dict[str, Tensor]], world: int) -> dict[str, Tensor]:
-    """Undo the ``channels[rank::world]`` split: rank ``r``'s ``i``-th item was feature ``i * world + r``."""
-    if len(parts) == 1:
-        return parts[0]
-    total = sum(len(p["channels"]) for p in parts)
-    order = torch.cat([torch.arange(r, total, world) for r in range(len(parts))]).argsort()
-    return {key: torch.cat([p[key] for p in parts])[order] for key in parts[0]}

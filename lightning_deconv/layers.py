@@ -17,24 +17,52 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["bound_forward", "check_images", "eval_mode", "layer_name", "resolve_layers", "run_until"]
+__all__ = [
+    "bound_forward",
+    "check_images",
+    "eval_mode",
+    "layer_name",
+    "named_layers",
+    "resolve_layers",
+    "run_until",
+    "uncompiled",
+]
+
+_COMPILED = "_orig_mod"  # where torch.compile's OptimizedModule keeps the module it wraps
 
 
 class _StopForward(Exception):
     """Raised by the last layer hook to end the forward pass early."""
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module that a model compiled with ``torch.compile`` wraps (the model itself if it is not compiled)."""
+    return getattr(model, _COMPILED, model) if type(model).__name__ == "OptimizedModule" else model
+
+
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``model.named_modules()`` as the user wrote the model: modules compiled with ``torch.compile``
+    (anywhere in it) appear under their own names, without the ``_orig_mod.`` their wrapper adds."""
+    layers: dict[str, nn.Module] = {}
+    for name, module in uncompiled(model).named_modules():
+        if type(module).__name__ == "OptimizedModule":
+            continue  # its wrapped module comes next, under the same name once cleaned
+        parts = [part for part in name.split(".") if part != _COMPILED]
+        layers[".".join(parts)] = module
+    return layers
+
+
 def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
-    """The name of ``layer`` (a name or a submodule) in ``model.named_modules()``.
+    """The name of ``layer`` (a name or a submodule) in ``model``, as :func:`named_layers` gives it.
 
     Raises:
         ValueError: if the name is unknown (the message lists the nearest valid names) or the module is not
             part of ``model``.
     """
-    names = dict(model.named_modules())
+    names = named_layers(model)
     if isinstance(layer, nn.Module):
         for name, module in names.items():
-            if module is layer:
+            if module is uncompiled(layer):
                 return name
         raise ValueError(f"The module {type(layer).__name__} is not a submodule of {type(model).__name__}.")
     if not isinstance(layer, str):
@@ -51,7 +79,7 @@ def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
 
 def resolve_layers(model: nn.Module, layers: Iterable[str | nn.Module]) -> dict[str, nn.Module]:
     """Map each requested layer (name or module) to ``{name: module}``, validating every name."""
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     resolved: dict[str, nn.Module] = {}
     for layer in layers:
         name = layer_name(model, layer)

@@ -140,6 +140,14 @@ def _resize(cells: Tensor, cell_size: int | None, min_cell: int) -> Tensor:
     return cells
 
 
+def _marked_cell(word: str, height: int, width: int) -> Tensor:
+    """A pale red ``[3, height, width]`` cell with ``word`` in its middle."""
+    cell = Image.new("RGB", (width, height), (245, 215, 215))
+    font = ImageFont.load_default(size=max(8, min(12, width // max(1, len(word)))))
+    ImageDraw.Draw(cell).text((width / 2, height / 2), word, fill=(120, 20, 20), font=font, anchor="mm")
+    return torch.from_numpy(np.asarray(cell).copy()).permute(2, 0, 1).float() / 255
+
+
 def evolution_grid(
     columns: Sequence[Tensor],
     column_labels: Sequence[str],
@@ -149,6 +157,7 @@ def evolution_grid(
     min_cell: int = 48,
     padding: int = 2,
     cell_size: int | None = None,
+    marks: Sequence[Sequence[str | None]] | None = None,
 ) -> Tensor:
     """Feature evolution as one labelled ``[3, H, W]`` picture: rows = features, columns = snapshots.
 
@@ -157,7 +166,8 @@ def evolution_grid(
     enlarged (nearest neighbour) to at least ``min_cell`` pixels so that the labels stay readable. With
     ``patches`` (one ``[K, C, h, w]`` per column), each cell shows its probe-image patch to the right.
     ``cell_size`` resizes every (square) cell to exactly that many pixels, so grids of layers with different
-    receptive fields line up side by side.
+    receptive fields line up side by side. ``marks[e][k]``, where not ``None``, replaces cell ``(k, e)`` by a
+    tinted cell showing that word (e.g. ``"dead"`` for a feature with no positive activation on the probe).
     """
     if len(columns) != len(column_labels) or not columns:
         raise ValueError("Give one label per column and at least one column.")
@@ -170,8 +180,14 @@ def evolution_grid(
     if cells.shape[1] == 1:
         cells = cells.expand(-1, 3, -1, -1)
     cells = _resize(cells, cell_size, min_cell)
-    grid = make_grid(cells, nrow=e, padding=padding, pad_value=1.0)
     cell_h, cell_w = cells.shape[-2:]
+    if marks is not None:
+        cells = cells.clone()  # it may be an expanded (read-only) view
+        for column, column_marks in enumerate(marks):
+            for row, mark in enumerate(column_marks):
+                if mark:
+                    cells[row * e + column] = _marked_cell(mark, cell_h, cell_w)
+    grid = make_grid(cells, nrow=e, padding=padding, pad_value=1.0)
     header = _label_strip(column_labels, cell_w, padding, _HEADER)
     grid = torch.cat([header, grid], dim=1)
     if row_labels is not None:

@@ -8,21 +8,17 @@ tracked layer in one forward pass over the probe set.
 
 from __future__ import annotations
 
-import contextlib
-import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from lightning_deconv.kernels import FastCPUOps
-from lightning_deconv.layers import bound_forward, check_images, eval_mode, resolve_layers, run_until
+from lightning_deconv.layers import bound_forward, check_images, eval_mode, named_layers, resolve_layers, run_until
 
-__all__ = ["Maxima", "Trace", "auto_layers", "choose_features", "draw_probe", "find_maxima", "trace"]
+__all__ = ["Maxima", "Trace", "auto_layers", "check_channels", "choose_features", "find_maxima", "trace"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +42,14 @@ class Maxima:
     map_size: tuple[int, int]
     switch: Tensor | None = None
 
+    def take(self, rows: Tensor | Sequence[int]) -> Maxima:
+        """The maxima of ``rows`` only (e.g. one process's share of the features)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        switch = None if self.switch is None else self.switch[rows]
+        return Maxima(
+            self.channels[rows], self.value[rows], self.source[rows], self.position[rows], self.map_size, switch
+        )
+
 
 def choose_features(num_channels: int, count: int, seed: int) -> list[int]:
     """A sorted, seeded random subset of ``count`` channels out of ``num_channels``.
@@ -61,7 +65,7 @@ def choose_features(num_channels: int, count: int, seed: int) -> list[int]:
     return sorted(torch.randperm(num_channels, generator=generator)[:count].tolist())
 
 
-def _check_channels(name: str, channels: Tensor, num_channels: int) -> None:
+def check_channels(name: str, channels: Tensor, num_channels: int) -> None:
     if channels.numel() == 0:
         raise ValueError(f"No channels given for layer {name!r}; list at least one.")
     bad = channels[(channels < 0) | (channels >= num_channels)]
@@ -79,7 +83,7 @@ def _image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tens
         ``value [K, N]`` (half precision lifted to float32) and its ``position [K, N, 2]`` (row, col).
     """
     n, c, h, w = activation.shape
-    _check_channels(name, channels, c)
+    check_channels(name, channels, c)
     maps = activation.detach()[:, channels.to(activation.device)].transpose(0, 1).reshape(len(channels), n, h * w)
     value, flat = maps.to(torch.promote_types(maps.dtype, torch.float32)).max(dim=2)
     flat = flat.cpu()
@@ -184,49 +188,6 @@ def find_maxima(
     return best
 
 
-@contextlib.contextmanager
-def _untouched_rng() -> Iterator[None]:
-    """Run a block without consuming the global torch, NumPy or Python random streams."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-def draw_probe(dataset: Dataset, count: int, seed: int) -> tuple[Tensor, Tensor]:
-    """A fixed probe set: ``count`` images drawn from ``dataset`` without replacement, with ``seed``.
-
-    Each item is loaded with the random streams seeded from ``seed`` and the item's index, so random
-    transforms give the same image every time, and the caller's random streams are left as they were.
-
-    Returns:
-        ``(images [count, C, H, W], indices [count])``; items may be images or ``(image, ...)`` tuples.
-    """
-    size = len(dataset)
-    if count < 1 or size == 0:
-        raise ValueError(f"Cannot draw a probe of {count} images from a dataset of {size}; need 1..{size}.")
-    count = min(count, size)
-    indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].sort().values
-    images = []
-    with _untouched_rng():
-        for index in indices.tolist():
-            torch.manual_seed(seed * 1_000_003 + index)
-            random.seed(seed * 1_000_003 + index)
-            np.random.seed((seed * 1_000_003 + index) % 2**32)
-            item = dataset[index]
-            image = item[0] if isinstance(item, (tuple, list)) else item
-            if not isinstance(image, Tensor):
-                raise TypeError(
-                    f"Probe items must be image tensors (or tuples starting with one), got {type(image).__name__}."
-                    " Give the dataset a ToTensor()/ToImage() transform."
-                )
-            images.append(image)
-    return torch.stack(images), indices
-
-
 @dataclass(frozen=True)
 class Trace:
     """What one dry forward pass saw: modules in the order they first ran, and their 4-D output shapes."""
@@ -250,9 +211,9 @@ def trace(model: nn.Module, image: Tensor) -> Trace:
 
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_hook(record(n)) for n, m in named_layers(model).items() if n]
     try:
-        with eval_mode(model):
+        with eval_mode(model), torch.compiler.set_stance("force_eager"):
             model(image)
     except RuntimeError as error:
         raise ValueError(
@@ -265,18 +226,24 @@ def trace(model: nn.Module, image: Tensor) -> Trace:
     return Trace(order, shapes)
 
 
-_STAGE_END = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d)
+_STAGE_END = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d)
+_PASS_THROUGH = (nn.BatchNorm2d, nn.Dropout, nn.Identity, nn.LocalResponseNorm)
 
 
-def auto_layers(model: nn.Module, seen: Trace, max_stages: int = 8) -> list[str]:
-    """The conv stages of ``model``: for each convolution, the last ReLU or pooling module that follows it.
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def auto_layers(model: nn.Module, seen: Trace, max_stages: int = 6) -> list[str]:
+    """The conv stages of ``model``: for each convolution, the last activation or pooling module that follows it.
 
     For ZFNet and AlexNet this gives the paper's layers 1 to 5 (e.g. ``pool1, pool2, relu3, relu4,
-    pool5``). Deeper plain nets (VGG) keep the stages that end in pooling; nets where that leaves fewer
-    than two (ResNet) use the top-level blocks that contain convolutions (``conv1, layer1 ... layer4``).
+    pool5``). Deeper plain nets (VGG) keep the stages that end in pooling. Nets where that leaves fewer than
+    two (ResNet) use the blocks of their trunk, found below any wrappers (``self.net``, ``self.backbone``):
+    the stem (up to its pooling) and each block that contains convolutions (``layer1 ... layer4``).
     """
-    modules = dict(model.named_modules())
-    leaves = [n for n in seen.order if not list(modules[n].children())]
+    modules = named_layers(model)
+    leaves = [n for n in seen.order if n in modules and not list(modules[n].children())]
     stages: list[str] = []
     current: str | None = None
     for name in leaves:
@@ -287,7 +254,7 @@ def auto_layers(model: nn.Module, seen: Trace, max_stages: int = 8) -> list[str]
             current = name
         elif current is not None and isinstance(module, _STAGE_END) and name in seen.shapes:
             current = name
-        elif current is not None and not isinstance(module, (nn.BatchNorm2d, nn.Dropout, nn.Identity)):
+        elif current is not None and not isinstance(module, _PASS_THROUGH):
             stages.append(current)
             current = None
     if current is not None:
@@ -298,8 +265,30 @@ def auto_layers(model: nn.Module, seen: Trace, max_stages: int = 8) -> list[str]
     pooled = [n for n in stages if isinstance(modules[n], (nn.MaxPool2d, nn.AvgPool2d))]
     if len(pooled) >= 2:
         return pooled
-    return [
-        name
-        for name, child in model.named_children()
-        if name in seen.shapes and any(isinstance(m, nn.Conv2d) for m in child.modules())
-    ]
+    return _trunk_blocks(modules, seen)
+
+
+def _trunk_blocks(modules: dict[str, nn.Module], seen: Trace) -> list[str]:
+    """The stem and the conv blocks of the first module (from the top) with several conv-holding children."""
+    trunk = ""
+    while True:
+        prefix = f"{trunk}." if trunk else ""
+        children = [n for n in modules if n.startswith(prefix) and n.count(".") == prefix.count(".") and n != trunk]
+        holding = [n for n in children if _has_conv(modules[n])]
+        if len(holding) != 1:
+            break
+        trunk = holding[0]
+    ran = [n for n in seen.order if n in children]  # in the order the forward pass ran them
+    blocks: list[str] = []
+    stem: str | None = None
+    for name in ran:
+        module = modules[name]
+        if list(module.children()) and _has_conv(module):
+            if stem is not None:
+                blocks.append(stem)
+                stem = None
+            if name in seen.shapes:
+                blocks.append(name)
+        elif isinstance(module, nn.Conv2d) or (stem is not None and isinstance(module, _STAGE_END + _PASS_THROUGH)):
+            stem = name if name in seen.shapes else stem
+    return blocks

@@ -13,15 +13,17 @@ from lightning_deconv import DeconvCallback
 
 out = Path(sys.argv[1])
 projected: list[list] = []  # per firing, this rank's share: [[layer, channels], ...]
-own_share = DeconvCallback.snapshot
+own_share = DeconvCallback._project_share
 
 
-def recording_project(self, pl_module, share, state):
-    projected.extend([layer, channels] for layer, channels in share.items())
-    return own_share(self, pl_module, share, state)
+def recording_share(self, rank, world, state):
+    share = own_share(self, rank, world, state)
+    for layer in share["images"]:
+        projected.append([layer, share["maxima"][layer].channels[rank::world].tolist()])
+    return share
 
 
-DeconvCallback.snapshot = recording_project
+DeconvCallback._project_share = recording_share
 L.seed_everything(0)
 model = module_class(L)()
 callback = DeconvCallback(probe=dataset(12, 7).tensors[0], features_per_layer=3, epochs=(1, 2), fire_at_end=False)

@@ -27,11 +27,13 @@ def strongest(activations: Tensor, channel: int) -> tuple[int, int, int]:
     return flat // (h * w), (flat % (h * w)) // w, flat % w
 
 
-def _rectify(signal: Tensor, active: Tensor, rule: str) -> Tensor:
+def _rectify(signal: Tensor, active: Tensor, rule: str, slope: float | Tensor = 0.0) -> Tensor:
+    """ReLU (``slope`` 0) or leaky ReLU: ``active`` is the local slope f'(x) of the forward pass."""
+    rectified = torch.where(signal > 0, signal, signal * slope)
     if rule == "deconvnet":
-        return signal.clamp(min=0)
+        return rectified
     if rule == "guided":
-        return signal.clamp(min=0) * active
+        return rectified * active
     return signal * active  # gradient
 
 
@@ -39,6 +41,9 @@ def explicit_deconvnet(
     net: nn.Sequential, image: Tensor, upto: int, channel: int, where: tuple[int, int] | None, rule: str
 ) -> tuple[Tensor, Tensor]:
     """Project from module ``net[upto]``'s output of one image; returns (projection, layer output).
+
+    ReLU, ReLU6, LeakyReLU and PReLU get the rule's analogue: the deconvnet rectifies the signal with the
+    activation's own shape (ReLU6: ReLU), guided backprop multiplies that by the local slope.
 
     ``where=None`` seeds with the channel's whole map, else the single activation at (row, col).
     """
@@ -49,8 +54,15 @@ def explicit_deconvnet(
             tape.append(("conv", module, x.shape))
             x = F.conv2d(x, module.weight, module.bias, module.stride, module.padding, module.dilation)
         elif isinstance(module, nn.ReLU):
-            tape.append(("relu", x > 0, None))
+            tape.append(("relu", (x > 0).to(x.dtype), 0.0))
             x = x.clamp(min=0)
+        elif isinstance(module, (nn.LeakyReLU, nn.PReLU)):
+            slope = module.negative_slope if isinstance(module, nn.LeakyReLU) else module.weight.detach().view(-1, 1, 1)
+            tape.append(("relu", torch.where(x > 0, torch.ones_like(x), slope * torch.ones_like(x)), slope))
+            x = torch.where(x > 0, x, x * slope)
+        elif isinstance(module, nn.ReLU6):
+            tape.append(("relu", ((x > 0) & (x < 6)).to(x.dtype), 0.0))
+            x = x.clamp(0, 6)
         elif isinstance(module, nn.MaxPool2d):
             y, switches = F.max_pool2d(
                 x,
@@ -77,7 +89,7 @@ def explicit_deconvnet(
             unpooled.scatter_add_(2, item.flatten(2), signal.flatten(2))
             signal = unpooled.view(in_shape)
         elif kind == "relu":
-            signal = _rectify(signal, item, rule)
+            signal = _rectify(signal, item, rule, in_shape)
         else:  # transposed filtering with the same weights, restoring the input's size
             conv = item
             k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation

@@ -283,30 +283,3 @@ def test_logger_image_api_is_used_and_logging_failures_never_stop_training(tmp_p
         _, model = fit(tmp_path, [DeconvCallback(probe=PROBE, features_per_layer=2, epochs=(1,))], max_epochs=2,
                        logger=ImageLogger(broken=True))  # fmt: skip
     assert model.steps == 8  # both epochs trained
-
-
-class _HiddenBlur(torch.nn.Module):
-    """A 3x3 stride-1 max-pool called functionally: it widens the field but keeps the map size, so the traced
-    receptive field is too small and windows would not be exact."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
-        self.conv2 = torch.nn.Conv2d(6, 6, 3, stride=2, padding=1)
-        self.relu = torch.nn.ReLU()
-
-    def forward(self, x):
-        x = torch.nn.functional.max_pool2d(self.conv1(x), 3, stride=1, padding=1)
-        return self.relu(self.conv2(x))
-
-
-def test_inexact_windows_fall_back_to_whole_images():
-    torch.manual_seed(0)
-    model = _HiddenBlur()
-    callback = DeconvCallback(probe=torch.randn(6, 3, 40, 40), features={"conv1": [0, 1], "relu": [0, 2]})
-    with pytest.warns(UserWarning, match="'relu' on whole images"):
-        callback.setup(trainer=None, pl_module=model, stage="fit")
-    assert callback._windows["conv1"] is not None and callback._windows["relu"] is None
-    got = callback.snapshot(model)["relu"]
-    want = deconvolve(model, callback.probe, "relu", [0, 2])
-    torch.testing.assert_close(got["projections"], want.images)

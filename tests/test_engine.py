@@ -14,7 +14,7 @@ from conftest import zf_shaped
 from reference import explicit_deconvnet, strongest, swapped_relu_projection
 from torch import nn
 
-from lightning_deconv import deconvolve, find_maxima, project, receptive_field
+from lightning_deconv import Projector, deconvolve, find_maxima, project, receptive_field
 from lightning_deconv.geometry import input_field
 from lightning_deconv.paper.models import ZFNet
 
@@ -176,11 +176,13 @@ def test_cross_check_with_captum(probe):
 
 def test_batched_and_stops_at_layer(zf_net, probe):
     batches, later_calls = [], []
-    zf_net[0].register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
     zf_net[9].register_forward_hook(lambda m, i, o: later_calls.append(1))
-    deconvolve(zf_net, probe, layer="5", channels=[0, 1, 2, 3])
-    assert batches == [len(probe), 4]  # one pass to find the maxima, one batched projection pass
-    assert later_calls == []
+    plan = Projector(zf_net, {"5": [0, 1, 2, 3]}, probe.shape[1:])
+    zf_net[0].register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
+    plan(probe)
+    assert batches[0] == len(probe)  # one pass to find the maxima
+    assert sum(batches[1:]) == 4 and len(batches) <= 1 + 4  # each row projected once, rows of one window batched
+    assert later_calls == []  # nothing past the layer ran, plan-time checks included
 
 
 def test_find_maxima_one_pass_for_all_layers(zf_net, probe):
@@ -294,14 +296,22 @@ def test_projection_on_receptive_field_windows_is_exact(builder, layer, size):
     images = torch.randn(6, 3, size, size + 2, dtype=torch.float64)
     field = receptive_field(model, layer, tuple(images.shape[1:]))
     maxima = find_maxima(model.eval(), images, {layer: list(range(8))})[layer]
-    boxes = field.windows(maxima.position, images.shape[-2:])
+    plan = Projector(model, {layer: maxima.channels}, images.shape[1:])
+    pool = dict(model.named_modules())[layer]
+    if isinstance(pool, nn.MaxPool2d):  # projections start at the switch, in the pooling's input
+        field, positions = input_field(field, pool), maxima.switch
+    else:
+        positions = maxima.position
+    assert plan.windows[layer] == field
+    boxes = field.windows(positions, images.shape[-2:])
     sides = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1)
     assert (sides < torch.tensor([size, size + 2])).any(dim=1).all(), "the test needs windows smaller than images"
     at_border = (boxes[:, :2] == 0).any(dim=1) | (boxes[:, 2] == size) | (boxes[:, 3] == size + 2)
-    full = project(model, images, layer, maxima)
-    windowed = project(model, images, layer, maxima, field=field)
+    full = Projector(model, {layer: maxima.channels}, images.shape[1:], windows=False).project(images, {layer: maxima})
+    windowed = plan.project(images, {layer: maxima})
+    full, windowed = full[layer].images, windowed[layer].images
     assert full.abs().amax(dim=(1, 2, 3)).gt(0).sum() >= 4
-    assert at_border.any() and len(sides.unique(dim=0)) > 1  # borders cut some windows
+    assert at_border.any()  # some windows meet the borders
     assert rel_err(windowed, full) < 1e-6
 
 
@@ -329,11 +339,12 @@ def test_windowed_zfnet_projection_matches_reference(layer):
     torch.manual_seed(0)
     model = ZFNet(num_classes=10, width=0.25, input_size=131).eval()
     images = torch.randn(6, 3, 131, 131)
-    field = receptive_field(model, layer, (3, 131, 131))
     every = find_maxima(model, images, {layer: range(model.features.conv5.out_channels)})[layer]
     live = every.channels[every.value > 0][:: max(1, int((every.value > 0).sum()) // 4)][:4]
     maxima = find_maxima(model, images, {layer: live})[layer]
-    got = project(model, images, layer, maxima, field=field)
+    plan = Projector(model, {layer: maxima.channels}, (3, 131, 131))
+    assert plan.windows[layer] is not None
+    got = plan.project(images, {layer: maxima})[layer].images
     for k, channel in enumerate(maxima.channels.tolist()):
         image, where = maxima.source[k].item(), tuple(maxima.position[k].tolist())
         want = swapped_relu_projection(model, images[image : image + 1], layer, channel, where, "deconvnet")
@@ -341,7 +352,7 @@ def test_windowed_zfnet_projection_matches_reference(layer):
         assert rel_err(got[k], want[0]) < 1e-5
     if maxima.switch is not None:
         moved = replace(maxima, switch=maxima.switch - (maxima.switch > 0).long())  # one row or column back
-        assert rel_err(project(model, images, layer, moved, field=field), got) > 1e-2
+        assert rel_err(plan.project(images, {layer: moved})[layer].images, got) > 1e-2
 
 
 def test_input_field_undoes_the_pooling():

@@ -1,0 +1,182 @@
+"""The projection plan: one fast path for every caller, equal to whole-image projections wherever it is used."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from conftest import zf_shaped
+from reference import explicit_deconvnet
+from test_engine import _randomise_bn, rel_err
+from torch import nn
+
+from lightning_deconv import Projector, deconvolve, support_boxes
+from lightning_deconv.paper.models import ZFNet
+
+
+def _zfnet():
+    return ZFNet(num_classes=10, width=0.25, input_size=99).double()
+
+
+NETS = {
+    "zfnet": (_zfnet, ["features.pool1", "features.pool2", "features.relu4", "features.pool5"], 99),
+    "alexnet": (lambda: torchvision.models.alexnet(weights=None).double(), ["features.2", "features.9"], 99),
+    "vgg11": (lambda: torchvision.models.vgg11(weights=None).double(), ["features.2", "features.12"], 56),
+    "resnet18": (lambda: torchvision.models.resnet18(weights=None).double(), ["relu", "layer1", "layer3"], 61),
+}
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided", "gradient"])
+@pytest.mark.parametrize("net", list(NETS))
+def test_multi_layer_form_equals_single_layer_and_whole_images(net, rule):
+    """deconvolve({layer: channels, ...}) == one deconvolve per layer == whole-image projections, crops too."""
+    builder, layers, size = NETS[net]
+    torch.manual_seed(0)
+    model = builder().eval()
+    _randomise_bn(model)
+    images = torch.randn(4, 3, size, size + 3, dtype=torch.float64)
+    wanted = {layer: [0, 2, 5] for layer in layers}
+    many = deconvolve(model, images, wanted, rule=rule)
+    windows = Projector(model, wanted, images.shape[1:], rule=rule).windows
+    assert sum(field is not None for field in windows.values()) >= len(layers) - 1  # the fast path is taken
+    whole = Projector(model, wanted, images.shape[1:], rule=rule, windows=False)(images)
+    assert list(many) == layers
+    for layer in layers:
+        one = deconvolve(model, images, layer, wanted[layer], rule=rule)
+        assert torch.equal(many[layer].source, one.source) and torch.equal(many[layer].position, one.position)
+        assert torch.equal(many[layer].images, one.images)
+        assert torch.equal(many[layer].boxes, whole[layer].boxes)
+        assert whole[layer].images.abs().amax() > 0
+        assert rel_err(many[layer].images, whole[layer].images) < 1e-9
+        assert rel_err(many[layer].crops, whole[layer].crops) < 1e-9
+        assert torch.equal(many[layer].patches, whole[layer].patches)
+
+
+class HiddenPool(nn.Module):
+    """A 3x3 stride-1 max-pool called functionally: it widens the field but keeps the map size, so the field
+    traced through the modules is too small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.conv1(x), 3, stride=1, padding=1)
+        return self.relu(self.conv2(x))
+
+
+def test_a_field_that_fails_the_check_is_used_neither_for_windows_nor_crops():
+    torch.manual_seed(0)
+    model = HiddenPool().double()
+    images = torch.randn(5, 3, 40, 36, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="'relu' on whole images"):
+        plan = Projector(model, {"conv1": [0, 1], "relu": [0, 2, 4]}, images.shape[1:])
+    assert plan.windows["conv1"] is not None and plan.fields["conv1"] is not None
+    assert plan.windows["relu"] is None and plan.fields["relu"] is None
+    got = plan(images)["relu"]
+    assert torch.equal(got.boxes, support_boxes(got.images))  # cropped to the support, not the wrong field
+    whole = Projector(model, {"relu": [0, 2, 4]}, images.shape[1:], windows=False)(images)["relu"]
+    assert rel_err(got.images, whole.images) < 1e-12
+
+
+def _activation_net(activation: nn.Module) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 5, stride=2, padding=1),
+        activation,
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.Conv2d(6, 8, 3, padding=1),
+        type(activation)() if not isinstance(activation, nn.PReLU) else nn.PReLU(8),
+    ).double()
+
+
+@pytest.mark.parametrize("rule", ["deconvnet", "guided", "gradient"])
+@pytest.mark.parametrize(
+    "activation", [nn.LeakyReLU(0.2), nn.LeakyReLU(0.1, inplace=True), nn.PReLU(6), nn.ReLU6()], ids=repr
+)
+def test_relu_like_activations_get_the_rules_analogue(activation, rule):
+    """LeakyReLU, PReLU and ReLU6 against the explicit chain with the analogue written out (tests/reference.py)."""
+    torch.manual_seed(0)
+    net = _activation_net(activation)
+    if isinstance(activation, nn.PReLU):
+        with torch.no_grad():
+            for prelu in (net[1], net[4]):
+                prelu.weight.uniform_(0.05, 0.4)
+    images = torch.randn(3, 3, 41, 37, dtype=torch.float64) * 4  # ReLU6's cap is reached
+    got = deconvolve(net, images, "4", [0, 3, 7], rule=rule)
+    for k, channel in enumerate([0, 3, 7]):
+        image, where = got.source[k].item(), tuple(got.position[k].tolist())
+        want, _ = explicit_deconvnet(net, images[image : image + 1], 4, channel, where, rule)
+        assert want.abs().max() > 0
+        assert rel_err(got.images[k], want[0]) < 1e-6  # float32 output
+
+
+def test_smooth_activations_get_one_clear_warning():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"GELU, SiLU.*ordinary gradient") as caught:
+        got = deconvolve(net, torch.randn(2, 3, 16, 16), "5", [0, 1])
+    assert len([w for w in caught if "ordinary gradient" in str(w.message)]) == 1
+    assert got.images.abs().amax() > 0
+    with warnings.catch_warnings():  # ReLU-only nets, and the plain gradient rule, say nothing
+        warnings.simplefilter("error")
+        deconvolve(zf_shaped(), torch.randn(2, 3, 64, 64), "4", [0])
+        deconvolve(net, torch.randn(2, 3, 16, 16), "5", [0], rule="gradient")
+
+
+class Wrapper(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_compiled_models_are_named_and_run_as_written():
+    torch.manual_seed(0)
+    net = zf_shaped().double()
+    images = torch.randn(3, 3, 65, 63, dtype=torch.float64)
+    want = deconvolve(net, images, {"2": [0, 1], "7": [3]})
+    for compiled, prefix in ((torch.compile(net, backend="eager"), ""), (Wrapper(torch.compile(net)), "net.")):
+        got = deconvolve(compiled, images, {f"{prefix}2": [0, 1], f"{prefix}7": [3]})
+        for layer in ("2", "7"):
+            assert torch.equal(got[prefix + layer].images, want[layer].images)
+    with pytest.raises(ValueError, match="Nearest valid names"):
+        deconvolve(torch.compile(net), images, "_orig_mod.2", [0])
+
+
+def test_plan_is_reused_on_live_weights_and_knows_when_it_no_longer_fits():
+    torch.manual_seed(0)
+    net = zf_shaped().double()
+    images = torch.randn(3, 3, 65, 63, dtype=torch.float64)
+    plan = Projector(net, {"5": [0, 1]}, images.shape[1:])
+    before = plan(images)["5"].images
+    with torch.no_grad():
+        net[3].weight.mul_(-1)  # training moves the weights: the same plan sees the new ones
+    after = plan(images)["5"]
+    assert torch.equal(after.images, deconvolve(net, images, "5", [0, 1]).images)
+    assert not torch.equal(after.images, before)
+    assert plan.fits(net, images.shape[1:]) and not plan.fits(net, (3, 64, 64))
+    net.append(nn.Conv2d(16, 4, 1))
+    assert not plan.fits(net, images.shape[1:])
+    with pytest.raises(ValueError, match="made for images of size"):
+        plan(torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"layer": {"2": [0]}, "channels": [0]}, TypeError, "not both"),
+        ({"channels": None}, TypeError, "Give the `channels`"),
+        ({"crop": "box"}, ValueError, "Unknown crop"),
+        ({"layer": {"2": [0], "5": [99]}, "channels": None}, ValueError, "out of range"),
+    ],
+)
+def test_deconvolve_argument_errors(kwargs, error, message):
+    args = {"images": torch.randn(2, 3, 64, 64), "layer": "2", "channels": [0], **kwargs}
+    with pytest.raises(error, match=message):
+        deconvolve(zf_shaped(), **args)
