@@ -8,6 +8,7 @@ Fig. 2). Everything here works on ``[K, C, H, W]`` batches and returns values in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["crop", "evolution_grid", "normalize", "projection_grid", "support_boxes"]
+__all__ = ["crop", "evolution_grid", "normalize", "projection_grid", "support_boxes", "top_k_grid"]
 
 Normalization = Literal["symmetric", "minmax"]
 
@@ -195,3 +196,43 @@ def evolution_grid(
         side = torch.cat([torch.ones(3, _HEADER, _SIDE), side], dim=1)
         grid = torch.cat([side, grid], dim=2)
     return grid
+
+
+def top_k_grid(
+    crops: Tensor,
+    patches: Tensor | None = None,
+    method: Normalization = "symmetric",
+    min_cell: int = 32,
+    padding: int = 1,
+    gap: int = 6,
+    cell_size: int | None = None,
+) -> Tensor:
+    """One layer of the paper's Figure 2 as a ``[3, H, W]`` picture: per feature, its top ``k`` projections as
+    a square block (3 x 3 for ``k = 9``, strongest first, row by row) beside the same block of their image
+    patches; features stacked top to bottom, ``gap`` white pixels apart.
+
+    Args:
+        crops: ``[F, k, C, h, w]`` projections cut to their receptive fields; each normalised on its own.
+        patches: ``[F, k, C, h, w]`` the same boxes of the images (min-max normalised), or ``None``.
+        min_cell: small cells are enlarged (nearest neighbour) to at least this many pixels.
+        cell_size: resize every cell to exactly this many pixels (so that layers line up).
+
+    Example::
+
+        >>> top_k_grid(torch.randn(2, 9, 3, 7, 7), torch.rand(2, 9, 3, 7, 7), min_cell=7).shape
+        torch.Size([3, 68, 68])
+    """
+    k = crops.shape[1]
+    side = math.ceil(math.sqrt(k))
+    shown = [normalize(crops.flatten(0, 1).float(), method)]
+    if patches is not None:
+        shown.append(normalize(patches.flatten(0, 1).float(), "minmax"))
+    blocks = []  # per kind (projections, patches): per feature, its square block
+    for cells in shown:
+        cells = _resize(cells.expand(-1, 3, -1, -1) if cells.shape[1] == 1 else cells, cell_size, min_cell)
+        blocks.append([make_grid(c, nrow=side, padding=padding, pad_value=1.0) for c in cells.split(k)])
+    white = torch.ones(3, blocks[0][0].shape[1], gap)
+    features = [
+        torch.cat([x for block in kinds for x in (white, block)][1:], dim=2) for kinds in zip(*blocks, strict=True)
+    ]
+    return make_grid(torch.stack(features), nrow=1, padding=gap, pad_value=1.0)

@@ -9,10 +9,14 @@ import weakref
 import pytest
 import torch
 from conftest import zf_shaped
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from lightning_deconv.analysis.top_k import TopK, merge_top_k, top_k
+from lightning_deconv import deconvolve
+from lightning_deconv.analysis.top_k import TopK, load_top_k, merge_top_k, project_top_k, save_top_k, top_k
+from lightning_deconv.paper.figure2 import figure2, find_top_k, main
+from lightning_deconv.render import top_k_grid
 
 # Layers of the ZF-shaped net: pool1 (switches), relu2, pool2 (switches, ceil mode), relu4, pool5 (2 x 1 map).
 FEATURES = {"2": [0, 3, 7], "4": [1, 6], "5": [2, 15], "9": [0, 5, 20], "12": [4, 9]}
@@ -247,3 +251,87 @@ def test_merge_errors(net, images):
         merge_top_k([a, a], offsets=[0])
     with pytest.raises(ValueError, match="at least one part"):
         merge_top_k([])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_projections_equal_deconvolve_on_the_same_image(net, images, kept):
+    """Row f * k + j is deconvolve(model, that image, layer, [channel]), from the data by index or from the
+    images top_k kept of a shuffled stream."""
+    features = {"2": [0, 3], "9": [0, 5], "12": [4, 9]}
+    order = stream_order()
+    data, seen = (Stream(images, order), images[order]) if kept else (images, images)
+    top = top_k(net, data, features, k=3, batch_size=4)
+    projected = project_top_k(net, top, None if kept else images)
+    for layer, t in top.items():
+        p = projected[layer]
+        assert p.images.shape == (len(t.channels) * t.k, *images.shape[1:])
+        assert p.channels.tolist() == t.channels.repeat_interleave(t.k).tolist()
+        for row, (f, j) in enumerate((f, j) for f in range(len(t.channels)) for j in range(t.k)):
+            i = int(t.index[f, j])
+            want = deconvolve(net, seen[i : i + 1], layer, [int(t.channels[f])])
+            assert want.position[0].tolist() == t.position[f, j].tolist()
+            assert want.value[0].item() == pytest.approx(t.value[f, j].item(), rel=1e-6)
+            assert want.images.abs().max() > 0
+            assert rel_err(p.images[row], want.images[0]) < 1e-5
+
+
+def test_projection_needs_the_images(net, images):
+    top = top_k(net, images, {"2": [0]}, k=2)
+    with pytest.raises(ValueError, match="keep_images=True"):
+        project_top_k(net, top)
+
+
+def test_top_k_grid_puts_each_feature_beside_its_patches():
+    crops = torch.zeros(2, 9, 1, 4, 4)
+    crops[1, 4] = 1.0  # feature 1, its 5th strongest: the centre of its 3 x 3 block
+    patches = torch.rand(2, 9, 1, 4, 4)
+    grid = top_k_grid(crops, patches, min_cell=8, padding=1, gap=6)
+    block = 3 * 8 + 4 * 1
+    assert grid.shape == (3, 2 * (block + 6) + 6, 2 * block + 6 + 2 * 6)
+    top, left = 6 + (block + 6) + 1 + 8 + 1, 6 + 1 + 8 + 1  # feature 1, row 1, column 1
+    assert (grid[:, top : top + 8, left : left + 8] == 1.0).all()  # normalised: the peak is white
+    assert (grid[:, 6 + 1 : 6 + 9, 6 + 1 : 6 + 9] == 0.5).all()  # zero projection: mid-grey
+    four = top_k_grid(torch.randn(3, 4, 3, 5, 5), None, min_cell=5, padding=1)
+    assert four.shape[1:] == (3 * (2 * 5 + 3 + 6) + 6, 2 * 5 + 3 + 2 * 6)  # 2 x 2 blocks, no patches
+
+
+def test_saved_results_draw_figure2(tmp_path, net, images):
+    features = {"2": [0, 3, 7], "9": [0, 5], "12": [4]}
+    top = top_k(net, images, features, k=9, batch_size=8)
+    projected = project_top_k(net, top, images)
+    run = tmp_path / "run" / "version_0"
+    path = save_top_k(run, 3, top, projected)
+    assert path == run / "deconv" / "top9_epoch_003.pt"
+    saved = load_top_k(path)
+    assert saved.epoch == 3 and list(saved.top) == list(features)
+    for layer, t in top.items():
+        got, p = saved.top[layer], projected[layer]
+        for field in ("channels", "value", "index", "position", "switch"):
+            want = getattr(t, field)
+            assert want is None if getattr(got, field) is None else torch.equal(getattr(got, field), want)
+        assert got.map_size == t.map_size and got.images is None
+        assert torch.equal(saved.crops[layer].flatten(0, 1), p.crops)
+        assert torch.equal(saved.patches[layer].flatten(0, 1), p.patches)
+        assert saved.boxes[layer].shape == (len(t.channels), 9, 4)
+    save_top_k(run, 12, top, projected)
+    assert list(find_top_k(tmp_path)) == [3, 12]
+    out = figure2(tmp_path, tmp_path / "figure2.png")
+    with Image.open(out) as picture:
+        width, height = picture.size
+    assert width > height > 400  # three layers side by side, up to three features of 3 x 3 down
+    main([str(run), "-o", str(tmp_path / "one.png"), "--layers", "9", "--epoch", "3", "--features", "1"])
+    with Image.open(tmp_path / "one.png") as picture:
+        assert picture.size[0] < width and picture.size[1] < height
+    with pytest.raises(ValueError, match="epochs \\[3, 12\\]"):
+        figure2(run, tmp_path / "x.png", epoch=5)
+    with pytest.raises(ValueError, match="not saved"):
+        figure2(run, tmp_path / "x.png", layers=["7"])
+    with pytest.raises(FileNotFoundError, match="top"):
+        find_top_k(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="not those of its top k"):
+        save_top_k(run, 4, top, {**projected, "2": projected["9"]})

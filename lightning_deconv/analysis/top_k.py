@@ -16,18 +16,21 @@ shards (DDP ranks) into the top k of the whole; :func:`project_top_k` projects a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lightning_deconv.batches import image_batches
+from lightning_deconv.batches import image_batches, images_in
+from lightning_deconv.engine import Projection, Projector, Rule
 from lightning_deconv.kernels import FastCPUOps
-from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until
-from lightning_deconv.selection import Maxima, _image_maxima, _resolve_features, _switches, _untouched_rng
+from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
+from lightning_deconv.probe import untouched_rng
+from lightning_deconv.selection import Maxima, _image_maxima, _resolve_features, _switches
 
-__all__ = ["TopK", "merge_top_k", "top_k"]
+__all__ = ["SavedTopK", "TopK", "load_top_k", "merge_top_k", "project_top_k", "save_top_k", "top_k", "top_k_path"]
 
 
 @dataclass(frozen=True)
@@ -225,12 +228,13 @@ def top_k(
     for value, label in ((k, "k"), (batch_size, "batch_size"), (max_batches, "max_batches")):
         if value is not None and value < 1:
             raise ValueError(f"`{label}` must be at least 1, got {value}.")
+    model = uncompiled(model)  # hooks must see every op: compiled code runs eagerly here
     modules, channels = _resolve_features(model, layers)
     scan = _RunningTopK(modules, channels, k, _keeps_images(data) if keep_images is None else keep_images)
     reference = next(model.parameters(), None)
     forward = bound_forward(model, state)
     fast = FastCPUOps(reference.device if reference is not None else "cpu")
-    with eval_mode(model), _untouched_rng():
+    with eval_mode(model), untouched_rng(), torch.compiler.set_stance("force_eager"):
         for number, batch in enumerate(image_batches(data, batch_size, key)):
             if max_batches is not None and number == max_batches:
                 break
@@ -290,3 +294,171 @@ def merge_top_k(
         whole = _concat(same)
         merged[name] = _take(whole, _best(whole.value, whole.index, k or max(top.k for top in same)))
     return merged
+
+
+def _images_of(top: Mapping[str, TopK], data: Tensor | Dataset | None, key: str | None) -> tuple[Tensor, list[Tensor]]:
+    """The images the top k hold, each once (``[M, C, H, W]``, by index), and per layer each row's image in them."""
+    index = torch.cat([t.index.flatten() for t in top.values()])
+    unique, inverse = index.unique(return_inverse=True)
+    sources = list(inverse.split([t.index.numel() for t in top.values()]))
+    if all(t.images is not None for t in top.values()):
+        kept = torch.cat([t.images.flatten(0, 1) for t in top.values()])
+        first = torch.full((len(unique),), len(index)).scatter_reduce(0, inverse, torch.arange(len(index)), "amin")
+        return kept[first], sources
+    if isinstance(data, Tensor):
+        return data[unique], sources
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        return torch.stack([images_in(data[i], key) for i in unique.tolist()]), sources
+    raise ValueError(
+        "The images of the top k must be fetched back: give `data` as the tensor or map-style Dataset that was "
+        "scanned, or run top_k with keep_images=True (the default for loaders and iterable datasets)."
+    )
+
+
+def project_top_k(
+    model: nn.Module | Projector,
+    top: Mapping[str, TopK],
+    data: Tensor | Dataset | None = None,
+    rule: Rule = "deconvnet",
+    key: str | None = None,
+    state: Mapping[str, Tensor] | None = None,
+) -> dict[str, Projection]:
+    """Project every one of the ``F x k`` activations of :func:`top_k`, each in its own image.
+
+    The images come from :attr:`TopK.images` where :func:`top_k` kept them, else from ``data`` by index
+    (the tensor or map-style dataset that was scanned). All layers go through one
+    :class:`~lightning_deconv.engine.Projector` (a plan given as ``model``, or one made here): pooling
+    layers start at their switches, every row on its receptive-field window where that is exact.
+
+    Args:
+        model: the model, or a :class:`~lightning_deconv.engine.Projector` made for it with ``mode="max"``
+            and these layers (e.g. the callback's), which then sets the rule.
+        top: ``{layer: TopK}`` as :func:`top_k` returned it.
+        data: where to fetch the images by index when they were not kept.
+        rule: ``"deconvnet"``, ``"guided"`` or ``"gradient"`` (when ``model`` is a module).
+        key: the image's key in dict items.
+        state: tensors used instead of the model's own, by name.
+
+    Returns:
+        ``{layer: Projection}`` with ``F * k`` rows: row ``f * k + j`` is channel ``top[layer].channels[f]`` in
+        its ``j``-th image; ``source`` indexes the images as fetched, not the data (``TopK.index`` does).
+
+    Raises:
+        ValueError: images neither kept nor given by an indexable ``data``.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2))
+        >>> images = torch.rand(20, 3, 16, 16)
+        >>> projected = project_top_k(net, top_k(net, images, {"2": [0, 5]}, k=4), images)
+        >>> projected["2"].images.shape, projected["2"].crops.shape
+        (torch.Size([8, 3, 16, 16]), torch.Size([8, 3, 4, 4]))
+    """
+    if isinstance(model, Projector) and model.mode != "max":
+        raise ValueError(
+            f"Top-k activations are single activations: give a Projector with mode='max', not {model.mode!r}."
+        )
+    images, sources = _images_of(top, data, key)
+    plan = (
+        model
+        if isinstance(model, Projector)
+        else Projector(model, {name: t.channels for name, t in top.items()}, tuple(images.shape[1:]), rule=rule)
+    )
+    maxima = {
+        name: Maxima(
+            t.channels.repeat_interleave(t.k),
+            t.value.flatten(),
+            source,
+            t.position.flatten(0, 1),
+            t.map_size,
+            None if t.switch is None else t.switch.flatten(0, 1),
+        )
+        for (name, t), source in zip(top.items(), sources, strict=True)
+    }
+    return plan.project(images, maxima, state)
+
+
+FORMAT = "lightning-deconv top-k"
+
+
+@dataclass(frozen=True)
+class SavedTopK:
+    """The top k of one firing as :func:`save_top_k` wrote it (the images themselves are not saved).
+
+    Attributes:
+        epoch: the epoch after which it was taken.
+        top: ``{layer: TopK}`` without images.
+        crops: ``{layer: [F, k, C, h, w]}`` the projections cut to their boxes.
+        patches: ``{layer: [F, k, C, h, w]}`` the same boxes of the images.
+        boxes: ``{layer: [F, k, 4]}`` (top, left, bottom, right) in the images, end exclusive.
+    """
+
+    epoch: int
+    top: dict[str, TopK]
+    crops: dict[str, Tensor]
+    patches: dict[str, Tensor]
+    boxes: dict[str, Tensor]
+
+
+def top_k_path(log_dir: str | Path, epoch: int, k: int) -> Path:
+    """Where a firing's top k go: ``<log_dir>/deconv/top<k>_epoch_<epoch, 3 digits>.pt``."""
+    return Path(log_dir) / "deconv" / f"top{k}_epoch_{epoch:03d}.pt"
+
+
+def save_top_k(log_dir: str | Path, epoch: int, top: Mapping[str, TopK], projections: Mapping[str, Projection]) -> Path:
+    """Save the top k of a firing and their projections' crops, so that Figure 2 is drawn without the model.
+
+    The file (:func:`top_k_path`, ``k`` the largest of the layers') is a ``torch.save`` dict, readable with
+    ``torch.load(path, weights_only=True)``::
+
+        {"format": "lightning-deconv top-k", "version": 1, "epoch": int, "k": int,
+         "layers": {layer: {"channels": [F], "value": [F, k], "index": [F, k], "position": [F, k, 2],
+                            "map_size": (H, W), "switch": [F, k, 2] or None,
+                            "crops": [F, k, C, h, w], "patches": [F, k, C, h, w], "boxes": [F, k, 4]}}}
+
+    Args:
+        log_dir: the run's log dir.
+        epoch: the epoch after which the top k were taken.
+        top: ``{layer: TopK}`` from :func:`top_k` (or :func:`merge_top_k`).
+        projections: ``{layer: Projection}`` from :func:`project_top_k` on ``top``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: projections that are not those of ``top`` (other layers, channels or row count).
+    """
+    layers = {}
+    for name, t in top.items():
+        p = projections.get(name)
+        if p is None or not torch.equal(p.channels.cpu(), t.channels.repeat_interleave(t.k)):
+            raise ValueError(f"The projections of {name!r} are not those of its top k: use project_top_k(top).")
+        saved = {f.name: getattr(t, f.name) for f in fields(TopK) if f.name != "images"}
+        by_feature = {kind: getattr(p, kind).cpu().unflatten(0, (len(t.channels), t.k)) for kind in _CUTS}
+        layers[name] = {**saved, **by_feature}
+    k = max(t.k for t in top.values())
+    path = top_k_path(log_dir, epoch, k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "version": 1, "epoch": epoch, "k": k, "layers": layers}, path)
+    return path
+
+
+_CUTS = ("crops", "patches", "boxes")
+
+
+def load_top_k(path: str | Path) -> SavedTopK:
+    """Read a file written by :func:`save_top_k`.
+
+    Raises:
+        ValueError: the file is not one of :func:`save_top_k`'s.
+    """
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a top-k file written by save_top_k.")
+    layers = raw["layers"]
+    top = {
+        name: TopK(**{f.name: saved[f.name] for f in fields(TopK) if f.name != "images"})
+        for name, saved in layers.items()
+    }
+    cuts = {kind: {name: saved[kind] for name, saved in layers.items()} for kind in _CUTS}
+    return SavedTopK(raw["epoch"], top, **cuts)

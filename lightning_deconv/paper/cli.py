@@ -59,6 +59,7 @@ def demo(argv: Sequence[str] = ()) -> None:
 
 # ``lightning-deconv NAME ...`` runs the ``main(argv)`` of one of these modules; anything else is LightningCLI.
 FIGURES = {
+    "figure2": "lightning_deconv.paper.figure2",
     "figure4": "lightning_deconv.paper.figure4",
 }
 

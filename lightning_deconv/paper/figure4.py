@@ -19,25 +19,26 @@ from lightning_deconv.render import evolution_grid
 __all__ = ["figure4", "find_firings", "main"]
 
 
-def find_firings(run_dir: str | Path) -> list[Path]:
-    """The firing files of a run, by epoch. ``run_dir`` may be the run's log dir, its ``deconv/`` folder,
-    or a parent holding several versions (the newest one with firings is taken).
+def find_firings(run_dir: str | Path, pattern: str = "epoch_*.pt") -> list[Path]:
+    """The firing files of a run (``deconv/<pattern>``), sorted by name. ``run_dir`` may be the run's log
+    dir, its ``deconv/`` folder, or a parent holding several versions (the newest one with such files is
+    taken).
 
     Raises:
-        FileNotFoundError: no ``deconv/epoch_*.pt`` under ``run_dir``.
+        FileNotFoundError: no ``deconv/<pattern>`` under ``run_dir``.
     """
     root = Path(run_dir)
     candidates = (
         [root]
         if root.name == "deconv"
-        else sorted({p.parent for p in root.rglob("deconv/epoch_*.pt")}, key=lambda p: p.stat().st_mtime)
+        else sorted({p.parent for p in root.rglob(f"deconv/{pattern}")}, key=lambda p: p.stat().st_mtime)
     )
     for folder in reversed(candidates):
-        files = sorted(folder.glob("epoch_*.pt"))
+        files = sorted(folder.glob(pattern))
         if files:
             return files
     raise FileNotFoundError(
-        f"No DeconvCallback firings (deconv/epoch_XXX.pt) under {root}. Point at the log dir of a run "
+        f"No DeconvCallback firings (deconv/{pattern}) under {root}. Point at the log dir of a run "
         "trained with DeconvCallback, e.g. runs/demo/version_0."
     )
 
