@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import weakref
 
@@ -13,7 +14,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from lightning_deconv import deconvolve
+from lightning_deconv import Projector, deconvolve, find_maxima
 from lightning_deconv.analysis.top_k import TopK, load_top_k, merge_top_k, project_top_k, save_top_k, top_k
 from lightning_deconv.paper.figure2 import figure2, find_top_k, main
 from lightning_deconv.render import top_k_grid
@@ -21,6 +22,15 @@ from lightning_deconv.render import top_k_grid
 # Layers of the ZF-shaped net: pool1 (switches), relu2, pool2 (switches, ceil mode), relu4, pool5 (2 x 1 map).
 FEATURES = {"2": [0, 3, 7], "4": [1, 6], "5": [2, 15], "9": [0, 5, 20], "12": [4, 9]}
 N, K = 23, 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets run fastest on one thread, and then do not wait on cores that other processes hold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +44,25 @@ def images() -> torch.Tensor:
     return torch.randn(N, 3, 97, 91, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
 
-def brute_force(net: nn.Sequential, images: torch.Tensor, layer: str, channels: list[int], k: int):
-    """Run the model on every image; per channel, each image's maximum over positions, sorted descending
-    with the earlier image first among equals. Returns ``(index, value, position)`` lists per channel."""
+@functools.lru_cache(maxsize=8)
+def outputs(net: nn.Sequential, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every module's output on every image, by plain NCHW forward (copies: later in-place ReLUs cannot
+    touch them)."""
+    found, x = [], images.clone()
     with torch.no_grad():
-        acts = net[: int(layer) + 1](images.clone())
+        for module in net:
+            x = module(x)
+            found.append(x.clone())
+    return found
+
+
+def brute_force(net: nn.Sequential, images: torch.Tensor, layer: str, channels: list[int], k: int):
+    """Per channel, each image's maximum over positions, sorted descending with the earlier image first among
+    equals. Returns ``(index, value, position)`` lists per channel and the layer's activations."""
+    acts = outputs(net, images)[int(layer)]
     out = []
     for channel in channels:
-        maps = acts[:, channel].flatten(1)
-        value, flat = maps.max(dim=1)
+        value, flat = acts[:, channel].flatten(1).max(dim=1)
         order = sorted(range(len(images)), key=lambda i: (-value[i].item(), i))[:k]
         width = acts.shape[-1]
         out.append(([*order], value[order].tolist(), [(int(flat[i]) // width, int(flat[i]) % width) for i in order]))
@@ -66,8 +86,7 @@ def assert_brute_force(net, images, found: dict[str, TopK], k=K, features=FEATUR
         torch.testing.assert_close(held, top.value, rtol=1e-9, atol=0)
         pool = net[int(layer)]
         if isinstance(pool, nn.MaxPool2d):  # the switch is where in the pooling's input the maximum came from
-            with torch.no_grad():
-                before = net[: int(layer)](images.clone())
+            before = outputs(net, images)[int(layer) - 1]
             at = before[top.index, c, top.switch[..., 0], top.switch[..., 1]]
             torch.testing.assert_close(at, top.value, rtol=1e-9, atol=0)
         else:
@@ -278,6 +297,20 @@ def test_projections_equal_deconvolve_on_the_same_image(net, images, kept):
             assert want.value[0].item() == pytest.approx(t.value[f, j].item(), rel=1e-6)
             assert want.images.abs().max() > 0
             assert rel_err(p.images[row], want.images[0]) < 1e-5
+
+
+def test_a_plan_can_be_reused_and_k_1_is_find_maxima(net, images):
+    features = {"5": [2, 15], "12": [4, 9]}
+    top = top_k(net, images, features, k=1, batch_size=7)
+    found = find_maxima(net, images, features)
+    for layer, t in top.items():
+        assert torch.equal(t.index[:, 0], found[layer].source) and torch.equal(t.position[:, 0], found[layer].position)
+        assert torch.equal(t.switch[:, 0], found[layer].switch)
+    plan = Projector(net, features, tuple(images.shape[1:]))
+    again = project_top_k(plan, top, images)
+    assert all(torch.equal(again[n].images, p.images) for n, p in project_top_k(net, top, images).items())
+    with pytest.raises(ValueError, match="mode='max'"):
+        project_top_k(Projector(net, features, tuple(images.shape[1:]), mode="map"), top, images)
 
 
 def test_projection_needs_the_images(net, images):
