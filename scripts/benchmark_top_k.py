@@ -4,9 +4,9 @@ For a model and N images, ``top_k`` (k=9, ``--features`` channels in each of con
 relu3, relu4, pool5``) against the unavoidable work: one forward pass of the same N images, in the same
 batches, to the deepest layer (no_grad, eval), with the model as is (NCHW) and channels-last; the faster of
 the two is the limit. Timings are interleaved (``timed`` from ``scripts/benchmark.py``: a warm-up round, then
-``--repeats`` rounds in which the three take turns), so machine drift moves them alike. Then the peak extra
-memory (RSS) of a scan over a loader of lazily made images, for two N: it must stay flat, since only the
-running top k (and the k chosen images per feature) and one batch are held.
+``--repeats`` rounds in which the three take turns), so machine drift moves them alike. Then the peak
+memory (RSS) of a scan over a loader of lazily made images, for two N, each in a fresh process: it must
+stay flat, since only the running top k (and the k chosen images per feature) and one batch are held.
 
 Two models: the full ZFNet at 224x224 (random weights, 1000 classes) and the demo's (width 0.5, 64x64).
 Prints a Markdown table and writes JSON with the machine, torch version and settings.
@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import cpu_name, peak_rss_mb, reset_peak_rss, rss_mb, timed
+from benchmark import cpu_name, peak_rss_mb, rss_mb, timed
 
 from lightning_deconv.analysis.top_k import top_k
 from lightning_deconv.layers import eval_mode, resolve_layers, run_until
@@ -101,21 +102,35 @@ def scan_cost(model: nn.Module, n: int, size: int, features: dict, batch_size: i
     }
 
 
-def scan_memory(model: nn.Module, counts: list[int], size: int, features: dict, batch_size: int) -> dict:
-    """Peak RSS of a scan over a loader (images kept) for each N, absolute and above the RSS at its start
-    (which already holds what a first, warm-up scan left in the allocator), and what the result holds."""
-    top_k(model, DataLoader(NoiseImages(batch_size, size), batch_size=batch_size), features)  # warm-up
-    peaks, extra, state = {}, {}, {}
+MODELS = {  # name: (ZFNet arguments, image side)
+    "full ZFNet, 224 px": ({"num_classes": 1000}, 224),
+    "demo ZFNet (width 0.5), 64 px": ({"num_classes": 10, "width": 0.5, "input_size": 64}, 64),
+}
+
+
+def memory_child(setup: str, n: int, features: int, batch_size: int) -> dict:
+    """In a fresh process: the peak RSS of one scan of ``n`` lazily made images through a loader (images
+    kept), the RSS just before it, and the size of the result."""
+    arguments, size = MODELS[setup]
+    torch.manual_seed(0)
+    model = ZFNet(**arguments).eval()
+    loader = DataLoader(NoiseImages(n, size), batch_size=batch_size)
+    before = rss_mb()
+    found = top_k(model, loader, features_of(model, features), k=9)
+    held = [t for top in found.values() for t in (top.value, top.index, top.position, top.switch, top.images)]
+    result = sum(t.nbytes for t in held if t is not None) / 2**20
+    return {"before_mb": before, "peak_mb": peak_rss_mb(), "result_mb": result}
+
+
+def scan_memory(setup: str, counts: list[int], features: int, batch_size: int, threads: int) -> dict:
+    """Peak RSS of a scan for each N, each in its own process so that every N starts from the same state."""
+    found = {}
     for n in counts:
-        loader = DataLoader(NoiseImages(n, size), batch_size=batch_size)
-        reset_peak_rss()
-        before = rss_mb()
-        found = top_k(model, loader, features, k=9)
-        peaks[n] = peak_rss_mb()
-        extra[n] = peaks[n] - before
-        held = [t for top in found.values() for t in (top.value, top.index, top.position, top.switch, top.images)]
-        state[n] = sum(t.nbytes for t in held if t is not None) / 2**20
-    return {"peak_rss_mb": peaks, "peak_extra_mb": extra, "result_mb": state}
+        command = [sys.executable, __file__, "--memory-child", setup, str(n), "--features", str(features)]
+        command += ["--batch-size", str(batch_size), "--threads", str(threads)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        found[n] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
 
 
 def main() -> None:
@@ -129,9 +144,14 @@ def main() -> None:
     parser.add_argument("--full-memory", type=int, nargs=2, default=(256, 1024), help="two N for the memory check")
     parser.add_argument("--demo-memory", type=int, nargs=2, default=(512, 4096))
     parser.add_argument("--output", default="runs/benchmark_top_k.json")
+    parser.add_argument("--memory-child", nargs=2, metavar=("SETUP", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        setup, n = args.memory_child
+        print(json.dumps(memory_child(setup, int(n), args.features, args.batch_size)))
+        return
     torch.manual_seed(0)
     report: dict = {
         "machine": {
@@ -144,24 +164,17 @@ def main() -> None:
         "settings": {**vars(args), "k": 9, "layers": list(LAYERS)},
     }
     print(f"# top_k benchmark on {report['machine']}", flush=True)
-    setups = {
-        "full ZFNet, 224 px": (ZFNet(num_classes=1000).eval(), 224, args.full_images, args.full_memory),
-        "demo ZFNet (width 0.5), 64 px": (
-            ZFNet(num_classes=10, width=0.5, input_size=64).eval(),
-            64,
-            args.demo_images,
-            args.demo_memory,
-        ),
-    }
-    for name, (model, size, n, memory) in setups.items():
-        features = features_of(model, args.features)
-        result = scan_cost(model, n, size, features, args.batch_size, args.repeats)
-        result["memory"] = scan_memory(model, list(memory), size, features, args.batch_size)
+    sizes = dict(zip(MODELS, [(args.full_images, args.full_memory), (args.demo_images, args.demo_memory)], strict=True))
+    for name, (arguments, side) in MODELS.items():
+        model = ZFNet(**arguments).eval()
+        n, memory = sizes[name]
+        result = scan_cost(model, n, side, features_of(model, args.features), args.batch_size, args.repeats)
+        result["memory"] = scan_memory(name, list(memory), args.features, args.batch_size, torch.get_num_threads())
         report[name] = result
         print(name, json.dumps(result, indent=1), flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
-    print(table(report, list(setups)))
+    print(table(report, list(MODELS)))
 
 
 def _seconds(t: dict[str, float]) -> str:
@@ -181,15 +194,16 @@ def table(report: dict, setups: list[str]) -> str:
     row("`top_k`, k=9, 5 layers x 8 features", lambda r: _seconds(r["top_k_s"]))
     row("**top_k / limit** (the faster forward; target <= 1.3x)", lambda r: f"**{r['ratio']:.2f}x**")
     row(
-        "peak RSS of a scan over a loader, by N (above its start)",
-        lambda r: ", ".join(
-            f"N={n}: {m:.0f} MiB (+{r['memory']['peak_extra_mb'][n]:.0f})"
-            for n, m in r["memory"]["peak_rss_mb"].items()
-        ),
+        "peak RSS of a scan over a loader (fresh process each), by N",
+        lambda r: ", ".join(f"N={n}: {m['peak_mb']:.0f} MiB" for n, m in r["memory"].items()),
+    )
+    row(
+        "RSS before the scan (model loaded)",
+        lambda r: ", ".join(f"{m['before_mb']:.0f} MiB" for m in r["memory"].values()),
     )
     row(
         "the result (top 9 with the images kept), by N",
-        lambda r: ", ".join(f"{m:.1f} MiB" for m in r["memory"]["result_mb"].values()),
+        lambda r: ", ".join(f"{m['result_mb']:.1f} MiB" for m in r["memory"].values()),
     )
     return "\n".join(rows)
 
