@@ -6,7 +6,6 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
-import torch
 import torch.nn.functional as F
 from test_compat import Classifier, images
 from torch import nn

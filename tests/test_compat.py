@@ -83,7 +83,7 @@ class Classifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit(tmp_path, model, callback, *, train=None, val=None, pl=L, max_epochs=max(EPOCHS), **trainer_kwargs):
+def fit(tmp_path, model, callback, *, train=None, val=None, pl=L, max_epochs=2, **trainer_kwargs):
     x, y = images()
     train = train if train is not None else DataLoader(TensorDataset(x, y), batch_size=8)
     trainer = pl.Trainer(
