@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -292,3 +294,41 @@ def test_invariance_errors(net, images, kwargs, message):
     arguments = {"model": net, "images": images, "layers": ["4"], "transform": "rotate", "amounts": [0, 10], **kwargs}
     with pytest.raises(ValueError, match=message):
         invariance(**arguments)
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run's log dir as Lightning and the callback leave it, written by hand (a tiny ZFNet, 6 probe images)."""
+    torch.manual_seed(0)
+    hparams = {"num_classes": 4, "width": 0.125, "input_size": 64, "dropout": 0.5, "lr": 0.01}
+    model = ZFNet(num_classes=4, width=0.125, input_size=64)
+    probe = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    checkpoint = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": hparams,
+        "datamodule_hyper_parameters": {"input_size": 64, "photos": ["astronaut", "coffee", "chelsea", "rocket"]},
+        "callbacks": {
+            "ModelCheckpoint{'monitor': None}": {"best_model_path": ""},
+            "DeconvCallback{'layers': 'auto'}": {"probe": probe, "features": {}, "history": {}},
+        },
+    }
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(checkpoint, tmp_path / "checkpoints" / "last.ckpt")
+    return tmp_path
+
+
+def test_figures_from_a_run(run_dir, tmp_path):
+    from lightning_deconv.paper import figure5, figure7
+
+    figure7.main([str(run_dir), "-o", str(tmp_path / "f7.png"), "--count", "2"])
+    figure5.main([str(run_dir), "-o", str(tmp_path / "f5.png"), "--images", "0", "3", "--rotate", "0", "45", "90"])
+    for name in ("f7.png", "f5.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) > 500
+    run = figure7.load_run(run_dir)
+    assert run.classes == ["astronaut", "coffee", "chelsea", "rocket"] and run.probe.shape == (6, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"Probe indices must be in 0..5"):
+        figure7.figure7(run_dir, tmp_path / "x.png", images=[6])
