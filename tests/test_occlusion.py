@@ -323,11 +323,14 @@ def run_dir(tmp_path: Path) -> Path:
 def test_figures_from_a_run(run_dir, tmp_path):
     from lightning_deconv.paper import figure5, figure7
 
-    figure7.main([str(run_dir), "-o", str(tmp_path / "f7.png"), "--count", "2"])
-    figure5.main([str(run_dir), "-o", str(tmp_path / "f5.png"), "--images", "0", "3", "--rotate", "0", "45", "90"])
+    small = ["--dpi", "50"]  # few positions and amounts, low resolution: the test is about the plumbing
+    square = ["--patch", "32", "--stride", "16"]
+    figure7.main([str(run_dir), "-o", str(tmp_path / "f7.png"), "--count", "2", *square, *small])
+    amounts = ["--translate", "-8", "0", "8", "--scale", "1", "1.5", "--rotate", "0", "90"]
+    figure5.main([str(run_dir), "-o", str(tmp_path / "f5.png"), "--images", "0", "3", *amounts, *small])
     for name in ("f7.png", "f5.png"):
         with Image.open(tmp_path / name) as picture:
-            assert picture.format == "PNG" and min(picture.size) > 500
+            assert picture.format == "PNG" and min(picture.size) > 250
     run = figure7.load_run(run_dir)
     assert run.classes == ["astronaut", "coffee", "chelsea", "rocket"] and run.probe.shape == (6, 3, 64, 64)
     with pytest.raises(ValueError, match=r"Probe indices must be in 0..5"):
