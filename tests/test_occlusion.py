@@ -277,6 +277,8 @@ def test_invariance_given_targets(net, images):
     assert got.targets.tolist() == [6, 5, 4] and list(got.distance) == ["4"]
     logits, _ = output_of(net, transform_images(images, "scale", 1.2), None)
     assert torch.allclose(got.probability[:, 0].double(), F.softmax(logits, 1)[range(3), [6, 5, 4]], rtol=1e-6)
+    unmoved = invariance(net, images[:1], ["4"], "scale", [1.0, 1.0], targets=[6])  # nothing to transform
+    assert (unmoved.distance["4"] == 0).all() and torch.equal(unmoved.probability[0, 0], unmoved.probability[0, 1])
 
 
 @pytest.mark.parametrize(

@@ -58,8 +58,8 @@ def transform_images(images: Tensor, transform: Transform, amount: float, fill: 
 
     ``"translate"`` moves the images down by ``amount`` pixels (up if negative; whole pixels, so that the
     shift is exact), ``"scale"`` zooms by the factor ``amount`` about the centre, ``"rotate"`` turns them
-    anticlockwise by ``amount`` degrees about the centre (both bilinear). The identity amount (0, 1, 0)
-    returns ``images`` themselves.
+    clockwise by ``amount`` degrees about the centre (both bilinear, as ``TF.affine`` does). The identity
+    amount (0, 1, 0) returns ``images`` themselves.
 
     Example::
 
@@ -162,7 +162,7 @@ def invariance(
         distance = {name: logits.new_zeros(n, len(steps)) for name in modules}
         probability = probabilities(logits).gather(1, target[:, None]).expand(-1, len(steps)).clone()
         pairs = torch.cartesian_prod(torch.tensor(moved, dtype=torch.long), torch.arange(n)).view(-1, 2)
-        for chunk in pairs.split(batch_size or default_batch_size(images)):
+        for chunk in pairs.split(batch_size or default_batch_size(images)) if moved else ():
             column, image = chunk[:, 0].to(x.device), chunk[:, 1].to(x.device)
             batch = torch.cat(
                 [
