@@ -301,11 +301,14 @@ class Projector:
         every layer, then each layer's projections. Returns ``{layer: Projection}`` in the plan's order."""
         return self.project(images, self.maxima(images, state), state)
 
-    def maxima(self, images: Tensor, state: Mapping[str, Tensor] | None = None) -> dict[str, Maxima]:
-        """Each tracked channel's strongest activation over ``images`` (one forward, all layers)."""
+    def maxima(
+        self, images: Tensor, state: Mapping[str, Tensor] | None = None, summaries: bool = False
+    ) -> dict[str, Maxima]:
+        """Each tracked channel's strongest activation over ``images`` (one forward, all layers); with
+        ``summaries``, also each layer's channel peaks and Gram matrix (see :func:`find_maxima`)."""
         self._check_images(images)
         with eval_mode(self.model), torch.compiler.set_stance("force_eager"):
-            return find_maxima(self.model, images, self.channels, self.batch_size, state)
+            return find_maxima(self.model, images, self.channels, self.batch_size, state, summaries)
 
     def project(
         self, images: Tensor, maxima: Mapping[str, Maxima], state: Mapping[str, Tensor] | None = None

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["crop", "evolution_grid", "normalize", "projection_grid", "support_boxes"]
+__all__ = ["crop", "evolution_grid", "filter_grid", "normalize", "projection_grid", "support_boxes"]
 
 Normalization = Literal["symmetric", "minmax"]
 
@@ -111,6 +111,15 @@ def projection_grid(
     if patches is not None:
         cells = torch.cat([cells, normalize(patches, "minmax")], dim=3)
     return make_grid(cells, nrow=nrow, padding=padding, pad_value=1.0)
+
+
+def filter_grid(weight: Tensor, nrow: int | None = None, min_cell: int = 21) -> Tensor:
+    """First-layer filters ``[K, 1 or 3, h, w]`` as one ``[3, H, W]`` picture, each filter contrast-normalised on
+    its own (as the paper's Fig. 6) and enlarged to at least ``min_cell`` pixels."""
+    cells = normalize(weight.detach().float().cpu(), "minmax")
+    if (scale := -(-min_cell // max(cells.shape[-2:]))) > 1:
+        cells = F.interpolate(cells, scale_factor=scale, mode="nearest")
+    return make_grid(cells, nrow=nrow or max(1, int(len(cells) ** 0.5 + 0.999)), padding=1, pad_value=1.0)
 
 
 _HEADER, _SIDE = 18, 44  # label strip sizes in pixels

@@ -63,7 +63,8 @@ def test_logs_evolution_grids_and_saves_each_firing(tmp_path):
         assert sorted(callback.history[layer]) == [1, 2, 3]
         columns = [callback.history[layer][epoch]["crops"] for epoch in (1, 2, 3)]
         rows = [f"#{c}" for c in callback.features[layer]]
-        expected = evolution_grid(columns, ["ep 1", "ep 2", "ep 3"], rows)  # rows = features, columns = epochs
+        marks = [callback.history[layer][epoch]["marks"] for epoch in (1, 2, 3)]
+        expected = evolution_grid(columns, ["ep 1", "ep 2", "ep 3"], rows, marks=marks)  # rows: features
         assert torch.equal(callback.evolution(layer), expected)
         assert not torch.equal(columns[0], columns[2])  # the features changed while training
     assert len(tags["deconv/seconds"]) == 3

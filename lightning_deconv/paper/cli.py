@@ -60,6 +60,7 @@ def demo(argv: Sequence[str] = ()) -> None:
 # ``lightning-deconv NAME ...`` runs the ``main(argv)`` of one of these modules; anything else is LightningCLI.
 FIGURES = {
     "figure4": "lightning_deconv.paper.figure4",
+    "settling": "lightning_deconv.paper.settling",
     "figure5": "lightning_deconv.paper.figure5",
     "figure7": "lightning_deconv.paper.figure7",
 }
