@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import save_image
 
 from lightning_deconv._compat import callback_bases, override, rank_zero_info, rank_zero_warn
+from lightning_deconv.analysis.occlusion import occlusion
 from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift
 from lightning_deconv.engine import CROPS, MODES, Projection, Projector
 from lightning_deconv.layers import check_images, layer_name, named_layers
 from lightning_deconv.probe import draw_probe, untouched_rng
-from lightning_deconv.render import evolution_grid, filter_grid, projection_grid
+from lightning_deconv.render import evolution_grid, filter_grid, occlusion_grid, projection_grid
 from lightning_deconv.rules import RULES
 from lightning_deconv.selection import Maxima, auto_layers, choose_features, trace
 
@@ -87,6 +88,11 @@ class DeconvCallback(*callback_bases()):
         measures: also measure, from the same forward pass, each layer's settling (linear CKA to the previous
             firing), its dead channels and its features' drift, and log the first layer's filters (see
             :mod:`lightning_deconv.analysis.settling`).
+        occlusion: log the paper's Fig. 7 maps (:func:`~lightning_deconv.analysis.occlusion.occlusion`) of this
+            many probe images: the deepest tracked layer's strongest feature map, the probability of the
+            unoccluded top class and the most probable class, as a grey square (a quarter of the image side,
+            stride a sixteenth) slides over each image. 0: off.
+        occlusion_epochs: when to log those maps (default: at every firing).
         strict: raise on a failing firing instead of warning and going on (for debugging).
 
     Raises:
@@ -126,6 +132,8 @@ class DeconvCallback(*callback_bases()):
         seed: int = 0,
         batch_size: int = 64,
         measures: bool = True,
+        occlusion: int = 0,
+        occlusion_epochs: Sequence[int] | None = None,
         strict: bool = False,
     ) -> None:
         if probe is not None and not isinstance(probe, (Tensor, Dataset, DataLoader)):
@@ -141,6 +149,7 @@ class DeconvCallback(*callback_bases()):
         for value, label in ((probe_size, "probe_size"), (features_per_layer, "features_per_layer")):
             _check_int(value, label)
         _check_int(batch_size, "batch_size")
+        _check_int(occlusion, "occlusion", minimum=0)
         _check_int(seed, "seed", minimum=None)
         for value, allowed, label in ((mode, MODES, "mode"), (rule, RULES, "rule"), (crop, CROPS, "crop")):
             if value not in allowed:
@@ -156,6 +165,8 @@ class DeconvCallback(*callback_bases()):
         self.fire_at_end = fire_at_end
         self.mode, self.rule, self.crop, self.show_patches = mode, rule, crop, show_patches
         self.seed, self.batch_size, self.measures, self.strict = seed, batch_size, measures, strict
+        self.occlusion = occlusion
+        self.occlusion_epochs = None if occlusion_epochs is None else _normalise_epochs(occlusion_epochs)
         # Per-run state: made at fit start, or restored from a checkpoint by load_state_dict().
         self.probe: Tensor | None = None
         self.features: dict[str, list[int]] = {}
@@ -348,6 +359,8 @@ class DeconvCallback(*callback_bases()):
         for layer, result in layers.items():
             self._log_layer(trainer, out_dir, layer, result, epoch)
         self._log_filters(trainer, epoch)
+        if self.occlusion and (self.occlusion_epochs is None or epoch in self.occlusion_epochs):
+            self._log_occlusion(trainer, epoch, next(reversed(layers)))
         seconds = time.perf_counter() - start
         self.firing_seconds[epoch] = seconds
         self.measure_seconds[epoch] = measured
@@ -450,6 +463,16 @@ class DeconvCallback(*callback_bases()):
         self.features = state_dict["features"]
         self.history = state_dict["history"]
         self._restored = True
+
+    def _log_occlusion(self, trainer: Any, epoch: int, layer: str) -> None:
+        """The paper's Fig. 7 maps for the first ``occlusion`` probe images, on the live weights."""
+        images = self.probe[: self.occlusion]
+        side = min(images.shape[-2:])
+        device = next(self._model.parameters()).device
+        found = occlusion(self._model, images.to(device), max(1, side // 4), max(1, side // 16), layer=layer)
+        picture = occlusion_grid(images, found.feature, found.probability, found.label)
+        for logger in trainer.loggers:
+            _log_image(logger, "deconv/occlusion", picture, epoch)
 
     @staticmethod
     def _add_layout(trainer: Any) -> None:
