@@ -30,4 +30,4 @@ benchmark: setup
 	$(PY) scripts/benchmark.py
 
 clean:
-	rm -rf runs figure4.png
+	rm -rf runs figure*.png settling.png

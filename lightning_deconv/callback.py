@@ -21,12 +21,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import save_image
 
 from lightning_deconv._compat import callback_bases, override, rank_zero_info, rank_zero_warn
+from lightning_deconv.analysis.occlusion import occlusion
+from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift
 from lightning_deconv.engine import CROPS, MODES, Projection, Projector
-from lightning_deconv.layers import check_images, layer_name
+from lightning_deconv.layers import check_images, layer_name, named_layers
 from lightning_deconv.probe import draw_probe, untouched_rng
-from lightning_deconv.render import evolution_grid, projection_grid
+from lightning_deconv.render import evolution_grid, filter_grid, occlusion_grid, projection_grid
 from lightning_deconv.rules import RULES
-from lightning_deconv.selection import auto_layers, choose_features, trace
+from lightning_deconv.selection import Maxima, auto_layers, choose_features, trace
 
 __all__ = ["PAPER_EPOCHS", "DeconvCallback"]
 
@@ -83,6 +85,14 @@ class DeconvCallback(*callback_bases()):
         show_patches: show the matching probe-image patch beside each projection.
         seed: seeds the probe draw and the feature choice.
         batch_size: probe images per forward pass when searching the maxima.
+        measures: also measure, from the same forward pass, each layer's settling (linear CKA to the previous
+            firing), its dead channels and its features' drift, and log the first layer's filters (see
+            :mod:`lightning_deconv.analysis.settling`).
+        occlusion: log the paper's Fig. 7 maps (:func:`~lightning_deconv.analysis.occlusion.occlusion`) of this
+            many probe images: the deepest tracked layer's strongest feature map, the probability of the
+            unoccluded top class and the most probable class, as a grey square (a quarter of the image side,
+            stride a sixteenth) slides over each image. 0: off.
+        occlusion_epochs: when to log those maps (default: at every firing).
         strict: raise on a failing firing instead of warning and going on (for debugging).
 
     Raises:
@@ -90,11 +100,13 @@ class DeconvCallback(*callback_bases()):
             for unknown layers (nearest names listed), a probe that does not fit the model (checked with one
             dry forward), holds NaN/Inf or is not images, or more features than a layer has channels.
 
-    Logs, on rank 0, per layer: ``deconv/<layer>/evolution`` (the evolution grid so far) and
-    ``deconv/<layer>/epoch`` (this firing's features), both with ``global_step`` = epoch, and the scalar
-    ``deconv/seconds``. TensorBoard keeps only 10 images per tag unless started with
-    ``--samples_per_plugin images=100``. Each firing's projections, crops, sources, positions and values
-    are saved to ``<log_dir>/deconv/epoch_XXX.pt`` and each layer's grid to a PNG beside it.
+    Logs, on rank 0, everything with the epoch as its step: per layer ``deconv/<layer>/evolution`` (the
+    evolution grid so far) and ``deconv/<layer>/epoch`` (this firing's features); with ``measures``, the scalars
+    ``deconv/<layer>/cka_previous``, ``/dead``, ``/drift`` and ``/source_changed``, the first layer's
+    ``deconv/<conv>/filters`` picture and ``/filter_rms`` histogram, and a custom-scalars layout (one chart per
+    measure, a line per layer); and ``deconv/seconds``. TensorBoard keeps only 10 images per tag unless started
+    with ``--samples_per_plugin images=100``. Each firing's projections, crops, sources, positions, values and
+    Gram matrices are saved to ``<log_dir>/deconv/epoch_XXX.pt`` and each layer's grid to a PNG beside it.
 
     Example::
 
@@ -119,6 +131,9 @@ class DeconvCallback(*callback_bases()):
         show_patches: bool = False,
         seed: int = 0,
         batch_size: int = 64,
+        measures: bool = True,
+        occlusion: int = 0,
+        occlusion_epochs: Sequence[int] | None = None,
         strict: bool = False,
     ) -> None:
         if probe is not None and not isinstance(probe, (Tensor, Dataset, DataLoader)):
@@ -134,6 +149,7 @@ class DeconvCallback(*callback_bases()):
         for value, label in ((probe_size, "probe_size"), (features_per_layer, "features_per_layer")):
             _check_int(value, label)
         _check_int(batch_size, "batch_size")
+        _check_int(occlusion, "occlusion", minimum=0)
         _check_int(seed, "seed", minimum=None)
         for value, allowed, label in ((mode, MODES, "mode"), (rule, RULES, "rule"), (crop, CROPS, "crop")):
             if value not in allowed:
@@ -148,7 +164,9 @@ class DeconvCallback(*callback_bases()):
         self.explicit_features = {k: [int(c) for c in v] for k, v in (features or {}).items()}
         self.fire_at_end = fire_at_end
         self.mode, self.rule, self.crop, self.show_patches = mode, rule, crop, show_patches
-        self.seed, self.batch_size, self.strict = seed, batch_size, strict
+        self.seed, self.batch_size, self.measures, self.strict = seed, batch_size, measures, strict
+        self.occlusion = occlusion
+        self.occlusion_epochs = None if occlusion_epochs is None else _normalise_epochs(occlusion_epochs)
         # Per-run state: made at fit start, or restored from a checkpoint by load_state_dict().
         self.probe: Tensor | None = None
         self.features: dict[str, list[int]] = {}
@@ -156,6 +174,8 @@ class DeconvCallback(*callback_bases()):
         self.plan: Projector | None = None
         self._model: nn.Module | None = None  # what the plan runs: the LightningModule, or its network
         self.firing_seconds: dict[int, float] = {}
+        self.measure_seconds: dict[int, float] = {}
+        self._first_conv: str | None = None
         self._fired_epochs: set[int] = set()
         self._restored = False
 
@@ -177,8 +197,11 @@ class DeconvCallback(*callback_bases()):
             self.history = {layer: {} for layer in self.features}
         self._restored = False
         self._fired_epochs = set()
-        self.firing_seconds = {}
+        self.firing_seconds, self.measure_seconds = {}, {}
         self.plan = self._make_plan(model)
+        self._first_conv = _first_conv(model, self.probe) if self.measures else None
+        if trainer.is_global_zero and self.measures:
+            self._add_layout(trainer)
         _say(trainer, f"DeconvCallback: {self.plan.describe()}")
 
     def _draw_probe(self, trainer: Any) -> Tensor:
@@ -279,7 +302,7 @@ class DeconvCallback(*callback_bases()):
             failures = [p for p in parts if isinstance(p, _Failure)]
             if failures:
                 raise _FiringFailed(failures)
-            self._record(trainer, Path(log_dir) / "deconv", epoch, self._merge(parts), start)
+            self._record(trainer, Path(log_dir) / "deconv", epoch, self._merge(parts), parts[0]["maxima"], start)
         except Exception as error:
             if self.strict:
                 raise
@@ -295,7 +318,7 @@ class DeconvCallback(*callback_bases()):
         if not self.plan.fits(model, self.probe.shape[1:]):
             self.plan = self._make_plan(model)  # the model changed structure since the last firing
         probe = self.probe.to(next(model.parameters()).device)
-        maxima = self.plan.maxima(probe, state)
+        maxima = self.plan.maxima(probe, state, summaries=self.measures)
         share = {layer: found.take(range(rank, len(found.channels), world)) for layer, found in maxima.items()}
         share = {layer: found for layer, found in share.items() if len(found.channels)}
         projected = self.plan.project(probe, share, state) if share else {}
@@ -317,37 +340,85 @@ class DeconvCallback(*callback_bases()):
         """Project the tracked features now, as a firing does (on one process), without logging anything."""
         return self._merge([self._project_share(0, 1, None)])
 
-    def _record(self, trainer: Any, out_dir: Path, epoch: int, layers: dict[str, Projection], start: float) -> None:
+    def _record(
+        self, trainer: Any, out_dir: Path, epoch: int, layers: dict[str, Projection], maxima: dict, start: float
+    ) -> None:
+        measured = time.perf_counter()
+        scalars: dict[str, float] = {}
         for layer, result in layers.items():
-            finite = torch.isfinite(result.value) & torch.isfinite(result.images).flatten(1).all(dim=1)
-            marks = [None if ok else "NaN" for ok in finite.tolist()]
-            if not finite.all():
-                rank_zero_warn(
-                    f"DeconvCallback: after epoch {epoch}, {int((~finite).sum())} features of {layer!r} have NaN/Inf "
-                    "activations or projections (diverged weights?); they are marked in the grid."
-                )
-            self.history[layer][epoch] = {
-                "crops": torch.nan_to_num(result.crops, nan=0.0, posinf=0.0, neginf=0.0),
-                "patches": result.patches,
-                "marks": marks,
-            }
+            column, measures = self._column(layer, epoch, result, maxima[layer])
+            self.history[layer][epoch] = column
+            scalars.update({f"deconv/{layer}/{name}": value for name, value in measures.items()})
+        measured = time.perf_counter() - measured
         out_dir.mkdir(parents=True, exist_ok=True)
-        saved = {layer: _as_dict(result) for layer, result in layers.items()}
+        saved = {layer: {**_as_dict(result), "gram": maxima[layer].gram} for layer, result in layers.items()}
         torch.save(
-            {"epoch": epoch, "mode": self.mode, "rule": self.rule, "layers": saved}, out_dir / f"epoch_{epoch:03d}.pt"
+            {"epoch": epoch, "mode": self.mode, "rule": self.rule, "layers": saved, "measures": scalars},
+            out_dir / f"epoch_{epoch:03d}.pt",
         )
         for layer, result in layers.items():
             self._log_layer(trainer, out_dir, layer, result, epoch)
+        self._log_filters(trainer, epoch)
+        if self.occlusion and (self.occlusion_epochs is None or epoch in self.occlusion_epochs):
+            self._log_occlusion(trainer, epoch, next(reversed(layers)))
         seconds = time.perf_counter() - start
         self.firing_seconds[epoch] = seconds
-        for logger in trainer.loggers:
-            logger.log_metrics({"deconv/seconds": seconds}, step=trainer.global_step)
+        self.measure_seconds[epoch] = measured
+        for logger in trainer.loggers:  # one step convention for everything the callback logs: the epoch
+            _log_metrics(logger, {**scalars, "deconv/seconds": seconds}, epoch)
         count = sum(len(c) for c in self.features.values())
         _say(
             trainer,
             f"DeconvCallback: epoch {epoch}: projected {count} features of {len(layers)} layers in {seconds:.2f}s, "
             f"logged deconv/<layer>/evolution; files in {out_dir}",
         )
+
+    def _column(self, layer: str, epoch: int, result: Projection, found: Maxima) -> tuple[dict, dict[str, float]]:
+        """This firing's column of ``layer``'s evolution grid (dead and NaN features marked), and its measures:
+        CKA to the previous firing, the share of dead channels, the features' drift since the previous firing."""
+        finite = torch.isfinite(result.value) & torch.isfinite(result.images).flatten(1).all(dim=1)
+        if not finite.all():
+            rank_zero_warn(
+                f"DeconvCallback: after epoch {epoch}, {int((~finite).sum())} features of {layer!r} have NaN/Inf "
+                "activations or projections (diverged weights?); they are marked in the grid."
+            )
+        dead = finite & (result.value <= 0)
+        column = {
+            "crops": torch.nan_to_num(result.crops, nan=0.0, posinf=0.0, neginf=0.0),
+            "patches": result.patches,
+            "marks": ["NaN" if not ok else "dead" if gone else None for ok, gone in zip(finite, dead, strict=True)],
+            "source": result.source,
+            "gram": found.gram,
+        }
+        measures: dict[str, float] = {}
+        if found.peaks is not None:
+            measures["dead"] = dead_share(found.peaks)
+        earlier = [e for e in self.history[layer] if e < epoch]
+        if earlier:
+            previous = self.history[layer][max(earlier)]
+            if found.gram is not None and previous.get("gram") is not None:
+                measures["cka_previous"] = cka_from_grams(found.gram, previous["gram"])
+            if previous["crops"].shape == column["crops"].shape:
+                change, moved = drift(previous["crops"], column["crops"], previous["source"], result.source)
+                measures["drift"], measures["source_changed"] = change, moved
+        return column, measures
+
+    def _log_filters(self, trainer: Any, epoch: int) -> None:
+        """The first layer's filters as a picture (the paper's Fig. 6) and their RMS as a histogram, on TensorBoard."""
+        if self._first_conv is None:
+            return
+        weight = named_layers(self._model)[self._first_conv].weight.detach().float().cpu()
+        rms = weight.flatten(1).pow(2).mean(dim=1).sqrt()
+        picture = filter_grid(weight) if weight.shape[1] in (1, 3) else None
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            try:
+                if picture is not None:
+                    _log_image(logger, f"deconv/{self._first_conv}/filters", picture, epoch)
+                if hasattr(experiment, "add_histogram"):
+                    experiment.add_histogram(f"deconv/{self._first_conv}/filter_rms", rms, global_step=epoch)
+            except Exception as error:  # a logging failure must never stop training
+                rank_zero_warn(f"DeconvCallback could not log the filters to {type(logger).__name__}: {error}")
 
     # ------------------------------------------------------------------ output
     def evolution(self, layer: str) -> Tensor:
@@ -393,6 +464,34 @@ class DeconvCallback(*callback_bases()):
         self.history = state_dict["history"]
         self._restored = True
 
+    def _log_occlusion(self, trainer: Any, epoch: int, layer: str) -> None:
+        """The paper's Fig. 7 maps for the first ``occlusion`` probe images, on the live weights."""
+        images = self.probe[: self.occlusion]
+        side = min(images.shape[-2:])
+        device = next(self._model.parameters()).device
+        found = occlusion(self._model, images.to(device), max(1, side // 4), max(1, side // 16), layer=layer)
+        picture = occlusion_grid(images, found.feature, found.probability, found.label)
+        for logger in trainer.loggers:
+            _log_image(logger, "deconv/occlusion", picture, epoch)
+
+    @staticmethod
+    def _add_layout(trainer: Any) -> None:
+        """TensorBoard's custom-scalars layout: one chart per measure, one line per layer."""
+        charts = {
+            "layer settling: linear CKA to the previous firing": "cka_previous",
+            "dead features: share of channels never positive on the probe": "dead",
+            "feature drift: mean 1 - cosine of projections since the previous firing": "drift",
+            "share of features whose strongest probe image changed": "source_changed",
+        }
+        layout = {"deconv": {title: ["Multiline", [rf"deconv/.*/{tag}$"]] for title, tag in charts.items()}}
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_custom_scalars"):
+                try:
+                    experiment.add_custom_scalars(layout)
+                except Exception as error:  # a logging failure must never stop training
+                    rank_zero_warn(f"DeconvCallback could not write the TensorBoard layout: {error}")
+
 
 class _Failure:
     """A rank's failed share of a firing: what went wrong, sent to rank 0 in place of results."""
@@ -405,6 +504,21 @@ class _FiringFailed(RuntimeError):
     def __init__(self, failures: list[_Failure]) -> None:
         super().__init__("; ".join(f.cause for f in failures))
         self.failures = failures
+
+
+def _first_conv(model: nn.Module, probe: Tensor) -> str | None:
+    """The name of the first convolution the model runs (the paper's layer-1 filters)."""
+    param = next(model.parameters())
+    seen = trace(model, probe[:1].to(param.device, param.dtype))
+    modules = named_layers(model)
+    return next((name for name in seen.order if isinstance(modules.get(name), nn.Conv2d)), None)
+
+
+def _log_metrics(logger: Any, metrics: dict[str, float], epoch: int) -> None:
+    try:
+        logger.log_metrics(metrics, step=epoch)
+    except Exception as error:  # a logging failure must never stop training
+        rank_zero_warn(f"DeconvCallback could not log its scalars to {type(logger).__name__}: {error}")
 
 
 def _as_dict(result: Projection) -> dict[str, Tensor]:

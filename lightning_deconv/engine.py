@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_deconv import kernels
-from lightning_deconv.geometry import ReceptiveField, input_field, receptive_field
+from lightning_deconv.geometry import ReceptiveField, input_field, tracing
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, resolve_layers, run_until, uncompiled
 from lightning_deconv.render import crop, support_boxes
 from lightning_deconv.rules import RULES, relu_rule, survey
@@ -194,23 +194,46 @@ class Projector:
         return self.mode == "max" and isinstance(self.modules[name], nn.MaxPool2d)
 
     def _check_fields(self, windows: bool) -> tuple[dict[str, ReceptiveField | None], dict[str, ReceptiveField | None]]:
-        """Per layer: its receptive field where windows are exact (else ``None``), and the field the windows
-        use (the pooling's input field for layers that start at the switch)."""
-        traced: dict[str, ReceptiveField | None] = {}
-        for name in self.modules:
-            try:
-                with torch.compiler.set_stance("force_eager"):
-                    traced[name] = receptive_field(self.model, name, self.input_size)
-            except ValueError:
-                traced[name] = None
-        used = {
-            name: None
-            if field is None
-            else (input_field(field, self.modules[name]) if self._starts_at_switch(name) else field)
-            for name, field in traced.items()
-        }
-        exact = self._exact(used)
-        inexact = [name for name, field in traced.items() if not exact[name]]
+        """Per layer: its receptive field where windows are exact (else ``None``), and the field the windows use
+        (the pooling's input field for layers that start at the switch).
+
+        One forward pass of a seeded random image traces the fields, keeps each layer's map (its input, where
+        projections start at the switch), records the activations the model calls and checks every layer's
+        map is 4-D; then the image's windows around the first, middle and last unit of each map (cut at all
+        four borders there) must give the same activations as the whole image.
+        """
+        image = torch.randn(1, *self.input_size, generator=torch.Generator().manual_seed(0))
+        image = image.to(_device(self.model), _working_dtype(self.model))
+        forward = bound_forward(self.model, float32=True)
+        fast = kernels.FastCPUOps(image.device)
+        image = fast.prepare(image)
+        starts = {name: self._starts_at_switch(name) for name in self.modules}
+        activations = survey()
+        try:
+            with _projection_state(self.model), torch.no_grad(), fast, activations:
+                with tracing(self.model, image) as tracer:
+
+                    def capture(name: str, output: Tensor, layer_input: Tensor) -> tuple:
+                        map_ = layer_input if starts[name] else output
+                        if not isinstance(map_, Tensor) or map_.dim() != 4:
+                            raise ValueError(f"Layer {name!r} takes {type(map_).__name__}, not a 4-D feature map.")
+                        check_channels(name, self.channels[name], map_.shape[1])
+                        return tracer.field_of(output), map_.detach().clone()  # later in-place ops must not reach it
+
+                    whole = run_until(forward, image, self.modules, capture)
+                traced = {name: field for name, (field, _) in whole.items()}
+                used = {
+                    name: input_field(field, self.modules[name]) if field is not None and starts[name] else field
+                    for name, field in traced.items()
+                }
+                exact = {
+                    name: field is not None and self._window_matches(forward, fast, image, name, field, whole[name][1])
+                    for name, field in used.items()
+                }
+        except ValueError as error:
+            raise ValueError(f"{error} (input size {self.input_size})") from error
+        self._report_activations(activations.rectifiers, activations.smooth)
+        inexact = [name for name in traced if not exact[name]]
         if inexact:
             warnings.warn(
                 f"Projecting {', '.join(map(repr, inexact))} on whole images and cropping to the projections' "
@@ -220,38 +243,6 @@ class Projector:
             )
         fields = {name: traced[name] if exact[name] else None for name in traced}
         return fields, {name: used[name] if exact[name] and windows else None for name in traced}
-
-    def _exact(self, fields: Mapping[str, ReceptiveField | None]) -> dict[str, bool]:
-        """Whether running on each layer's windows reproduces the whole-image activations, for a seeded random
-        image at the first, middle and last unit of the map (the windows cut at all four borders there).
-
-        The same pass records the activations the model calls and checks that every layer gives a 4-D map.
-        """
-        image = torch.randn(1, *self.input_size, generator=torch.Generator().manual_seed(0))
-        image = image.to(_device(self.model), _working_dtype(self.model))
-        forward = bound_forward(self.model, float32=True)
-        fast = kernels.FastCPUOps(image.device)
-        starts = {name: self._starts_at_switch(name) for name in self.modules}
-
-        def capture(name: str, output: Tensor, layer_input: Tensor) -> Tensor:
-            map_ = layer_input if starts[name] else output
-            if not isinstance(map_, Tensor) or map_.dim() != 4:
-                raise ValueError(f"Layer {name!r} takes a {type(map_).__name__} input, not a 4-D feature map.")
-            check_channels(name, self.channels[name], map_.shape[1])
-            return map_.detach().clone()  # a later in-place op must not change it
-
-        activations = survey()
-        try:
-            with _projection_state(self.model), torch.no_grad(), fast, activations:
-                whole = run_until(forward, fast.prepare(image), self.modules, capture)
-                exact = {
-                    name: field is not None and self._window_matches(forward, fast, image, name, field, whole[name])
-                    for name, field in fields.items()
-                }
-        except ValueError as error:
-            raise ValueError(f"{error} (input size {self.input_size})") from error
-        self._report_activations(activations.rectifiers, activations.smooth)
-        return exact
 
     def _window_matches(self, forward, fast, image: Tensor, name: str, field: ReceptiveField, whole: Tensor) -> bool:
         height, width = whole.shape[-2:]
@@ -310,11 +301,14 @@ class Projector:
         every layer, then each layer's projections. Returns ``{layer: Projection}`` in the plan's order."""
         return self.project(images, self.maxima(images, state), state)
 
-    def maxima(self, images: Tensor, state: Mapping[str, Tensor] | None = None) -> dict[str, Maxima]:
-        """Each tracked channel's strongest activation over ``images`` (one forward, all layers)."""
+    def maxima(
+        self, images: Tensor, state: Mapping[str, Tensor] | None = None, summaries: bool = False
+    ) -> dict[str, Maxima]:
+        """Each tracked channel's strongest activation over ``images`` (one forward, all layers); with
+        ``summaries``, also each layer's channel peaks and Gram matrix (see :func:`find_maxima`)."""
         self._check_images(images)
         with eval_mode(self.model), torch.compiler.set_stance("force_eager"):
-            return find_maxima(self.model, images, self.channels, self.batch_size, state)
+            return find_maxima(self.model, images, self.channels, self.batch_size, state, summaries)
 
     def project(
         self, images: Tensor, maxima: Mapping[str, Maxima], state: Mapping[str, Tensor] | None = None

@@ -13,6 +13,8 @@ residual addition) the widest branch wins, which is the true field of the sum.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_deconv.layers import eval_mode, layer_name, resolve_layers, run_until
 
-__all__ = ["ReceptiveField", "input_field", "receptive_field"]
+__all__ = ["ReceptiveField", "input_field", "receptive_field", "receptive_fields", "tracing"]
 
 _WINDOWED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
@@ -147,6 +149,35 @@ class _Tracer:
 
 
 @torch.no_grad()
+def receptive_fields(
+    model: nn.Module, layers: Iterable[str | nn.Module], input_size: tuple[int, int, int]
+) -> dict[str, ReceptiveField | None]:
+    """The receptive-field geometry of each layer's output, from one forward pass of a blank image.
+
+    A layer whose input passes through a resampling that is not an ``nn.Conv2d``/``MaxPool2d``/``AvgPool2d``
+    module gets ``None``. A resampling that keeps the map size (e.g. a functional stride-1 pooling) cannot be
+    seen here at all: :class:`~lightning_deconv.engine.Projector` checks each field before it relies on it.
+    """
+    targets = resolve_layers(model, layers)
+    reference = next(model.parameters(), torch.empty(0))
+    image = torch.zeros(1, *input_size, device=reference.device, dtype=reference.dtype)
+    with tracing(model, image) as tracer, eval_mode(model):
+        return run_until(model, image, targets, lambda _, out, __: tracer.field_of(out))
+
+
+@contextlib.contextmanager
+def tracing(model: nn.Module, image: Tensor) -> Iterator[_Tracer]:
+    """While active, every forward pass of ``model`` on ``image`` carries receptive fields along: for any 4-D
+    tensor it made, ``tracer.field_of(tensor)`` is that map's field (``None`` where unknown)."""
+    tracer = _Tracer(image)
+    handles = [m.register_forward_hook(tracer.hook) for m in model.modules() if not list(m.children())]
+    try:
+        yield tracer
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def receptive_field(model: nn.Module, layer: str | nn.Module, input_size: tuple[int, int, int]) -> ReceptiveField:
     """The receptive-field geometry of ``layer``'s output for inputs of shape ``input_size = (C, H, W)``.
 
@@ -161,21 +192,10 @@ def receptive_field(model: nn.Module, layer: str | nn.Module, input_size: tuple[
             projection's support instead).
     """
     name = layer_name(model, layer)
-    reference = next(model.parameters(), torch.empty(0))
-    image = torch.zeros(1, *input_size, device=reference.device, dtype=reference.dtype)
-    tracer = _Tracer(image)
-    handles = [m.register_forward_hook(tracer.hook) for m in model.modules() if not list(m.children())]
-    try:
-        with eval_mode(model):
-            target = resolve_layers(model, [name])
-            found = run_until(model, image, target, lambda _, out, __: tracer.field_of(out))
-    finally:
-        for handle in handles:
-            handle.remove()
-    output_field = found[name]
-    if output_field is None:
+    field = receptive_fields(model, [name], input_size)[name]
+    if field is None:
         raise ValueError(
             f"Cannot derive the receptive field of {name!r}: its input passes through a resampling that is "
             "not an nn.Conv2d/MaxPool2d/AvgPool2d module. Crop to the projection's support instead."
         )
-    return output_field
+    return field

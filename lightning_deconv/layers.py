@@ -93,6 +93,7 @@ def run_until(
     layers: Mapping[str, nn.Module],
     on_output: Callable[[str, Tensor, Any], Any],
     at_input: bool = False,
+    spatial: bool = True,
 ) -> dict[str, Any]:
     """Run ``model(images)`` until every layer in ``layers`` has produced its output, then stop.
 
@@ -101,10 +102,12 @@ def run_until(
     Reducing there (rather than keeping the activation) matters: a later in-place ReLU would otherwise
     overwrite an earlier layer's output. If a module runs several times in one forward pass, its first call
     counts. With ``at_input``, the hook runs just before each layer instead and ``activation`` is the
-    layer's first input (``layer_input`` is ``None``); the deepest layer itself never runs.
+    layer's first input (``layer_input`` is ``None``); the deepest layer itself never runs. With
+    ``spatial=False`` a layer's output may be any tensor (e.g. a fully connected layer's ``[N, F]``).
 
     Raises:
-        ValueError: a layer's output is not a 4-D tensor, or a layer never ran in the forward pass.
+        ValueError: a layer's output is not a tensor (with ``spatial``: not a 4-D one), or a layer never ran
+            in the forward pass.
     """
     results: dict[str, Any] = {}
 
@@ -113,7 +116,7 @@ def run_until(
             if name in results:
                 return
             activation, layer_input = (inputs[0], None) if at_input else (output, inputs[0] if inputs else None)
-            if not isinstance(activation, Tensor) or activation.dim() != 4:
+            if not isinstance(activation, Tensor) or (spatial and activation.dim() != 4):
                 shape = tuple(activation.shape) if isinstance(activation, Tensor) else type(activation).__name__
                 raise ValueError(
                     f"Layer {name!r} ({type(module).__name__}) {'takes' if at_input else 'outputs'} {shape}, "

@@ -19,7 +19,16 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-__all__ = ["crop", "evolution_grid", "normalize", "projection_grid", "support_boxes", "top_k_grid"]
+__all__ = [
+    "crop",
+    "evolution_grid",
+    "filter_grid",
+    "normalize",
+    "occlusion_grid",
+    "projection_grid",
+    "support_boxes",
+    "top_k_grid",
+]
 
 Normalization = Literal["symmetric", "minmax"]
 
@@ -112,6 +121,46 @@ def projection_grid(
     if patches is not None:
         cells = torch.cat([cells, normalize(patches, "minmax")], dim=3)
     return make_grid(cells, nrow=nrow, padding=padding, pad_value=1.0)
+
+
+def filter_grid(weight: Tensor, nrow: int | None = None, min_cell: int = 21) -> Tensor:
+    """First-layer filters ``[K, 1 or 3, h, w]`` as one ``[3, H, W]`` picture, each filter contrast-normalised on
+    its own (as the paper's Fig. 6) and enlarged to at least ``min_cell`` pixels."""
+    cells = normalize(weight.detach().float().cpu(), "minmax")
+    if (scale := -(-min_cell // max(cells.shape[-2:]))) > 1:
+        cells = F.interpolate(cells, scale_factor=scale, mode="nearest")
+    return make_grid(cells, nrow=nrow or max(1, int(len(cells) ** 0.5 + 0.999)), padding=1, pad_value=1.0)
+
+
+def _colormap(maps: Tensor, name: str, low: float | None = None, high: float | None = None) -> Tensor:
+    """``[N, h, w]`` values to ``[N, 3, h, w]`` colours of a matplotlib colormap, scaled per map (or to a range)."""
+    from matplotlib import colormaps
+
+    maps = maps.detach().double().cpu()
+    if low is None:
+        flat = maps.flatten(1)
+        lo, hi = flat.amin(dim=1).view(-1, 1, 1), flat.amax(dim=1).view(-1, 1, 1)
+        maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
+    else:
+        maps = (maps - low) / max(high - low, 1e-12)
+    colours = colormaps[name](maps.clamp(0, 1).numpy())[..., :3]
+    return torch.from_numpy(colours).permute(0, 3, 1, 2).float()
+
+
+def occlusion_grid(images: Tensor, feature: Tensor | None, probability: Tensor | None, label: Tensor | None) -> Tensor:
+    """The paper's Fig. 7 panels as one picture: a row per image with the image, then (where given) the
+    layer's summed feature map, the probability of the target class and the most probable class, each as a
+    function of the grey square's position, enlarged to the image's size."""
+    size = tuple(images.shape[-2:])
+    cells = [normalize(images.float().cpu(), "minmax").expand(-1, 3, -1, -1)]
+    if feature is not None:
+        cells.append(_colormap(feature, "viridis"))
+    if probability is not None:
+        cells.append(_colormap(probability, "viridis", 0.0, 1.0))
+    if label is not None:
+        cells.append(_colormap(label.remainder(20).double(), "tab20", 0.0, 19.0))
+    cells = [cells[0]] + [F.interpolate(c, size=size, mode="nearest") for c in cells[1:]]
+    return make_grid(torch.stack(cells, dim=1).flatten(0, 1), nrow=len(cells), padding=2, pad_value=1.0)
 
 
 _HEADER, _SIDE = 18, 44  # label strip sizes in pixels

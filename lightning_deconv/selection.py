@@ -33,6 +33,10 @@ class Maxima:
         map_size: ``(H, W)`` of the layer's output map.
         switch: for a max-pooling layer, ``[K, 2]`` the (row, col) in the pooling's input map that each
             maximum was taken from (the paper's switch, as the pooling picked it); ``None`` otherwise.
+        peaks: with ``find_maxima(..., summaries=True)``, ``[C]`` the maximum of *every* channel of the layer
+            over the probe (``<= 0``: a dead feature).
+        gram: with ``summaries=True``, ``[N, N]`` float64 Gram matrix of the layer's activations flattened per
+            probe image (what linear CKA needs; see :mod:`lightning_deconv.analysis.settling`).
     """
 
     channels: Tensor
@@ -41,6 +45,8 @@ class Maxima:
     position: Tensor
     map_size: tuple[int, int]
     switch: Tensor | None = None
+    peaks: Tensor | None = None
+    gram: Tensor | None = None
 
     def take(self, rows: Tensor | Sequence[int]) -> Maxima:
         """The maxima of ``rows`` only (e.g. one process's share of the features)."""
@@ -153,6 +159,7 @@ def find_maxima(
     layers: Mapping[str | nn.Module, Sequence[int] | Tensor],
     batch_size: int | None = None,
     state: Mapping[str, Tensor] | None = None,
+    summaries: bool = False,
 ) -> dict[str, Maxima]:
     """For each layer and each of its listed channels, the strongest activation over ``images``.
 
@@ -160,6 +167,7 @@ def find_maxima(
     stops at the deepest one; on CPU it runs channels-last (:class:`~lightning_deconv.kernels.FastCPUOps`).
     For max-pooling layers it also records each maximum's switch. The model runs as it is (call
     ``model.eval()`` first for the paper's setting), with ``state`` replacing some of its tensors by name.
+    With ``summaries``, the same pass also gives each layer's ``peaks`` and ``gram`` (see :class:`Maxima`).
 
     Example::
 
@@ -178,13 +186,24 @@ def find_maxima(
     fast = FastCPUOps(reference.device)
     step = batch_size or len(images)
     best: dict[str, Maxima] = {}
+    peaks: dict[str, list[Tensor]] = {name: [] for name in modules}
+    flat: dict[str, list[Tensor]] = {name: [] for name in modules}
+
+    def reduce(name: str, output: Tensor, layer_input: Tensor) -> Maxima:
+        if summaries:  # here, before a later in-place op can change the output
+            peaks[name].append(output.amax(dim=(0, 2, 3)).float().cpu())
+            flat[name].append(output.flatten(1).double().cpu())
+        return _maxima_of(name, modules[name], output, layer_input, wanted[name])
+
     for start in range(0, len(images), step):
         batch = fast.prepare(images[start : start + step].to(reference.device, reference.dtype))
         with fast:
-            found = run_until(
-                forward, batch, modules, lambda name, out, inp: _maxima_of(name, modules[name], out, inp, wanted[name])
-            )
+            found = run_until(forward, batch, modules, reduce)
         best = found if not best else {name: _merge(best[name], found[name], start) for name in found}
+    if summaries:
+        for name, found in best.items():
+            x = torch.cat(flat[name])
+            best[name] = replace(found, peaks=torch.stack(peaks[name]).amax(dim=0), gram=x @ x.T)
     return best
 
 

@@ -63,7 +63,8 @@ def test_logs_evolution_grids_and_saves_each_firing(tmp_path):
         assert sorted(callback.history[layer]) == [1, 2, 3]
         columns = [callback.history[layer][epoch]["crops"] for epoch in (1, 2, 3)]
         rows = [f"#{c}" for c in callback.features[layer]]
-        expected = evolution_grid(columns, ["ep 1", "ep 2", "ep 3"], rows)  # rows = features, columns = epochs
+        marks = [callback.history[layer][epoch]["marks"] for epoch in (1, 2, 3)]
+        expected = evolution_grid(columns, ["ep 1", "ep 2", "ep 3"], rows, marks=marks)  # rows: features
         assert torch.equal(callback.evolution(layer), expected)
         assert not torch.equal(columns[0], columns[2])  # the features changed while training
     assert len(tags["deconv/seconds"]) == 3
@@ -283,3 +284,32 @@ def test_logger_image_api_is_used_and_logging_failures_never_stop_training(tmp_p
         _, model = fit(tmp_path, [DeconvCallback(probe=PROBE, features_per_layer=2, epochs=(1,))], max_epochs=2,
                        logger=ImageLogger(broken=True))  # fmt: skip
     assert model.steps == 8  # both epochs trained
+
+
+def test_occlusion_maps_are_logged_at_their_epochs(tmp_path):
+    """Fig. 7 live: the logged picture is the occlusion maps of the first probe images on the live weights."""
+    from lightning_deconv.analysis.occlusion import occlusion
+    from lightning_deconv.render import occlusion_grid
+
+    callback = DeconvCallback(probe=PROBE, features_per_layer=2, epochs=(1, 2, 3), occlusion=2, occlusion_epochs=(1, 3))
+    trainer, model = fit(tmp_path, [callback], max_epochs=3)
+    tags = tb_tags(Path(trainer.log_dir))
+    assert tags["deconv/occlusion"] == [1, 3]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trainer.log_dir), size_guidance={"images": 0})
+    events.Reload()
+    logged = events.Images("deconv/occlusion")[-1]
+    found = occlusion(model, PROBE[:2], 8, 2, layer="net.6")
+    want = occlusion_grid(PROBE[:2], found.feature, found.probability, found.label)
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = torch.from_numpy(np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)).convert("RGB")).copy())
+    expected = (want.permute(1, 2, 0) * 255).round().to(torch.uint8)
+    assert pixels.shape == expected.shape
+    assert (pixels.int() - expected.int()).abs().max() <= 1
+    with pytest.raises(ValueError, match="at least 0"):
+        DeconvCallback(occlusion=-1)

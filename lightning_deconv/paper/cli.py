@@ -1,9 +1,9 @@
-"""Command line: ``lightning-deconv fit|validate|test --config configs/NAME.yaml``, ``figure4`` and ``demo``.
+"""Command line: ``lightning-deconv fit|validate|test --config configs/NAME.yaml``, the figures and ``demo``.
 
 Training goes through Lightning's ``LightningCLI``, so every argument of the model, the data module, the
 trainer and its callbacks (``DeconvCallback`` included) can be set in YAML or on the command line. The data
 module's class count and input size are linked into the model. ``figure4`` rebuilds the paper's Figure 4
-from a finished run; ``demo`` trains ``configs/demo.yaml`` on the embedded photographs and draws Figure 4.
+from a finished run; ``demo`` trains ``configs/demo.yaml`` on the embedded photographs and draws the figures.
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ class DeconvCLI(LightningCLI):
 
 
 def demo(argv: Sequence[str] = ()) -> None:
-    """Train ``configs/demo.yaml`` (offline, CPU-sized) and write ``figure4.png``."""
+    """Train ``configs/demo.yaml`` (offline, CPU-sized) and draw the paper's figures from the run."""
     from lightning_deconv.paper.figure4 import figure4
+    from lightning_deconv.paper.figure5 import figure5
+    from lightning_deconv.paper.figure7 import figure7
+    from lightning_deconv.paper.settling import settling_figure
 
     config = CONFIGS / "demo.yaml"
     if not config.exists():
@@ -52,15 +55,23 @@ def demo(argv: Sequence[str] = ()) -> None:
     start = time.perf_counter()
     cli = DeconvCLI(["fit", "--config", str(config), *argv])
     log_dir = cli.trainer.log_dir
-    path = figure4(log_dir, "figure4.png")
+    written = [
+        figure4(log_dir, "figure4.png"),
+        settling_figure(log_dir, "settling.png"),
+        figure7(log_dir, "figure7.png"),
+        figure5(log_dir, "figure5.png"),
+    ]
     minutes = (time.perf_counter() - start) / 60
-    print(f"Demo done in {minutes:.1f} min. Figure 4: {path.resolve()}  Run: {log_dir}")
+    print(f"Demo done in {minutes:.1f} min. Figures: {', '.join(str(p) for p in written)}. Run: {log_dir}")
 
 
 # ``lightning-deconv NAME ...`` runs the ``main(argv)`` of one of these modules; anything else is LightningCLI.
 FIGURES = {
     "figure2": "lightning_deconv.paper.figure2",
     "figure4": "lightning_deconv.paper.figure4",
+    "settling": "lightning_deconv.paper.settling",
+    "figure5": "lightning_deconv.paper.figure5",
+    "figure7": "lightning_deconv.paper.figure7",
 }
 
 

@@ -1,0 +1,261 @@
+"""Occlusion sensitivity (Zeiler & Fergus 2014, Sec. 4.2 and Fig. 7).
+
+A grey square slides over the image; at each of its positions the occluded image goes through the model,
+and three maps record what changed: (b) the total activation of the feature map that is strongest on the
+unoccluded image (in the paper: layer 5), (d) the probability of the correct class and (e) the most
+probable class. If the model really locates the object, the probability drops where the object is
+covered, not where the background is.
+
+All occluded images (positions x images) run as batches of ``batch_size``, each built from its images with
+one masked write; on CPU they run channels-last (:class:`~lightning_deconv.kernels.FastCPUOps`). A forward
+that is only wanted for the feature map stops at that layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_deconv.kernels import FastCPUOps
+from lightning_deconv.layers import check_images, eval_mode, resolve_layers, run_until
+
+__all__ = ["Occlusion", "occlusion"]
+
+_OUTPUT = "<output>"  # the model's output, recorded as one more "layer" (no module can have this name)
+
+
+@dataclass(frozen=True)
+class Occlusion:
+    """The maps of an occlusion experiment: one value per position of the square, per image.
+
+    Map cell ``[i, j]`` is the square with its top-left corner at pixel ``(i * stride, j * stride)``.
+
+    Attributes:
+        probability: ``[N, h, w]`` float32 softmax probability of ``targets`` (``None`` without ``classify``).
+        label: ``[N, h, w]`` int64 most probable class (``None`` without ``classify``).
+        feature: ``[N, h, w]`` float32 summed activation of ``channel`` of ``layer`` (``None`` without a layer).
+        targets: ``[N]`` the class whose probability is mapped (``None`` without ``classify``).
+        channel: ``[N]`` the channel of ``layer`` holding the largest single activation on each unoccluded
+            image (``None`` without a layer).
+        layer: the layer's name in ``model.named_modules()``, or ``None``.
+        patch: side of the square in pixels.
+        stride: step between positions in pixels.
+        fill: the square's value in the model's input space.
+    """
+
+    probability: Tensor | None
+    label: Tensor | None
+    feature: Tensor | None
+    targets: Tensor | None
+    channel: Tensor | None
+    layer: str | None
+    patch: int
+    stride: int
+    fill: float
+
+    def square(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """``(top, left, bottom, right)`` pixel box of the square at map cell ``[row, col]``."""
+        top, left = row * self.stride, col * self.stride
+        return top, left, top + self.patch, left + self.patch
+
+
+def occlusion(
+    model: nn.Module,
+    images: Tensor,
+    patch: int,
+    stride: int,
+    fill: float = 0.0,
+    layer: str | nn.Module | None = None,
+    targets: Sequence[int] | Tensor | None = None,
+    batch_size: int | None = None,
+    classify: bool = True,
+) -> Occlusion:
+    """Slide a ``patch`` x ``patch`` square of ``fill`` over each image and map the model's response.
+
+    The square's top-left corner visits ``0, stride, 2 * stride, ...`` along each axis while the square fits,
+    so the maps are ``h = (H - patch) // stride + 1`` by ``w = (W - patch) // stride + 1``. The model runs in
+    eval mode without gradients; its weights, train/eval modes and the global RNG are left as they were.
+
+    Args:
+        model: a classifier: ``model(images)`` gives logits ``[N, classes]``.
+        images: ``[N, C, H, W]`` images as the model expects them (normalised).
+        patch: side of the square in pixels.
+        stride: step between the square's positions in pixels.
+        fill: the square's pixel value in the model's input space (0 is the mean grey of normalised inputs).
+        layer: with a layer (name in ``model.named_modules()`` or module, 4-D output), also map the summed
+            activation of its channel holding the largest single activation on the unoccluded image.
+        targets: ``[N]`` classes whose probability to map (default: each unoccluded image's top class).
+        batch_size: occluded images per forward pass (default: :func:`default_batch_size`).
+        classify: map ``probability`` and ``label``; with ``classify=False`` (and a ``layer``) each forward
+            stops at ``layer``.
+
+    Returns:
+        An :class:`Occlusion`; its tensors are on the model's device.
+
+    Raises:
+        ValueError: ``patch`` or ``stride`` below 1, a square larger than the images, images that are not
+            ``[N, C, H, W]``, targets of the wrong length or out of range, a layer whose output is not 4-D, a
+            model whose output is not ``[N, classes]``, or nothing to compute.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+        >>> maps = occlusion(net, torch.rand(2, 3, 20, 24), patch=8, stride=4, layer="1")
+        >>> maps.probability.shape, maps.label.shape, maps.feature.shape
+        (torch.Size([2, 4, 5]), torch.Size([2, 4, 5]), torch.Size([2, 4, 5]))
+    """
+    check_images(model, images)
+    height, width = images.shape[-2:]
+    _check_square(patch, stride, height, width)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"`batch_size` must be at least 1 (or None for the default), got {batch_size}.")
+    if not classify and layer is None:
+        raise ValueError("Nothing to compute: with `classify=False`, give a `layer` whose feature map to track.")
+    if not classify and targets is not None:
+        raise ValueError("`targets` select the class probability to map; they need `classify=True`.")
+    modules = resolve_layers(model, [layer]) if layer is not None else {}
+    name = next(iter(modules), None)
+    reference = next(model.parameters(), images)
+    rows, cols = (height - patch) // stride + 1, (width - patch) // stride + 1
+    n, positions = len(images), rows * cols
+
+    with torch.no_grad(), eval_mode(model):
+        fast = FastCPUOps(reference.device)  # one for all batches: it lays the filters out once
+        x = fast.prepare(images.detach().to(reference.device, reference.dtype))
+        with fast:
+            peaks, logits = run_layers(model, x, modules, _channel_peaks, classify)
+        channel = peaks[name].argmax(dim=1) if name is not None else None
+        target = check_targets(targets, logits, n) if classify else None
+
+        probability, label, feature = [], [], []
+        grid = torch.arange(max(height, width), device=x.device)
+        for flat in torch.arange(n * positions, device=x.device).split(batch_size or default_batch_size(images)):
+            image, position = flat // positions, flat % positions
+            top, left = (position // cols) * stride, (position % cols) * stride
+            # One masked write puts every square into its copy of the image (copies keep channels-last).
+            in_rows = (grid[:height] >= top[:, None]) & (grid[:height] < top[:, None] + patch)
+            in_cols = (grid[:width] >= left[:, None]) & (grid[:width] < left[:, None] + patch)
+            batch = x[image].masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], fill)
+            total = partial(_channel_total, channel[image]) if channel is not None else _feature_map
+            with fast:
+                sums, out = run_layers(model, batch, modules, total, classify)
+            if name is not None:
+                feature.append(sums[name])
+            if classify:
+                probability.append(probabilities(out).gather(1, target[image, None])[:, 0])
+                label.append(out.argmax(dim=1))
+
+    def as_maps(parts: list[Tensor], dtype: torch.dtype) -> Tensor | None:
+        return torch.cat(parts).to(dtype).reshape(n, rows, cols) if parts else None
+
+    return Occlusion(
+        probability=as_maps(probability, torch.float32),
+        label=as_maps(label, torch.int64),
+        feature=as_maps(feature, torch.float32),
+        targets=target,
+        channel=channel,
+        layer=name,
+        patch=patch,
+        stride=stride,
+        fill=float(fill),
+    )
+
+
+def default_batch_size(images: Tensor) -> int:
+    """Images per forward pass by default: about 4M input values (256 images of 3x64x64, 27 of 3x224x224),
+    which bounds the activations' memory and is past the size where CPU throughput stops growing."""
+    return max(1, min(256, 2**22 // images[0].numel()))
+
+
+def run_layers(
+    model: nn.Module | Callable[[Tensor], Any],
+    images: Tensor,
+    layers: Mapping[str, nn.Module],
+    reduce: Callable[[str, Tensor], Tensor],
+    classify: bool,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """One forward pass: ``reduce(name, output)`` of each layer as it runs, and the logits if ``classify``.
+
+    Without ``classify`` the pass stops at the deepest layer (:func:`~lightning_deconv.layers.run_until`).
+    With it, the model's output is recorded as one more layer, so the same hook runner sees the whole
+    forward. Layers may have outputs of any shape; ``reduce`` checks what it needs.
+
+    Returns:
+        ``({name: reduced}, logits [N, classes] or None)``.
+
+    Raises:
+        ValueError: the model fails on ``images`` or does not give ``[N, classes]`` logits.
+    """
+    if not classify:
+        return run_until(model, images, layers, lambda name, out, _: reduce(name, out), spatial=False), None
+    output = nn.Identity()
+    results = run_until(
+        lambda x: output(model(x)),
+        images,
+        {**layers, _OUTPUT: output},
+        lambda name, out, _: out if name == _OUTPUT else reduce(name, out),
+        spatial=False,
+    )
+    logits = results.pop(_OUTPUT)
+    if logits.dim() != 2 or logits.shape[0] != len(images):
+        raise ValueError(
+            f"The model gives output of shape {tuple(logits.shape)} for {len(images)} images; class "
+            "probabilities need logits [N, classes]. Pass a classifier (or `classify=False` for feature maps only)."
+        )
+    return results, logits
+
+
+def _check_square(patch: int, stride: int, height: int, width: int) -> None:
+    for value, label in ((patch, "patch"), (stride, "stride")):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{label}` must be a whole number of pixels >= 1, got {value!r}.")
+    if patch > min(height, width):
+        raise ValueError(
+            f"The {patch}x{patch} square does not fit in {height}x{width} images; use a patch of at most "
+            f"{min(height, width)} pixels."
+        )
+
+
+def _feature_map(name: str, activation: Tensor) -> Tensor:
+    if activation.dim() != 4:
+        raise ValueError(
+            f"Layer {name!r} outputs {tuple(activation.shape)}, not a 4-D [N, C, H, W] feature map. Choose a "
+            "convolutional stage (a conv, ReLU or pooling module)."
+        )
+    return activation
+
+
+def _channel_peaks(name: str, activation: Tensor) -> Tensor:
+    """``[N, C]`` each channel's largest single activation."""
+    return _feature_map(name, activation).amax(dim=(2, 3))
+
+
+def _channel_total(channels: Tensor, name: str, activation: Tensor) -> Tensor:
+    """``[N]`` the summed map of ``channels[k]`` in row ``k``."""
+    rows = torch.arange(len(channels), device=activation.device)
+    return _feature_map(name, activation)[rows, channels].sum(dim=(1, 2))
+
+
+def probabilities(logits: Tensor) -> Tensor:
+    """Softmax over classes, in at least float32 (half-precision logits would round it)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=1)
+
+
+def check_targets(targets: Sequence[int] | Tensor | None, logits: Tensor, n: int) -> Tensor:
+    """``[n]`` int64 classes on the logits' device: ``targets`` checked, or the top class of each image."""
+    if targets is None:
+        return logits.argmax(dim=1)
+    wanted = torch.as_tensor(targets).flatten()
+    classes = logits.shape[1]
+    if wanted.numel() != n or (torch.is_floating_point(wanted) and not (wanted == wanted.round()).all()):
+        raise ValueError(f"Give one whole-number target class per image: {n} of them, got {wanted.tolist()}.")
+    wanted = wanted.long()
+    bad = wanted[(wanted < 0) | (wanted >= classes)]
+    if bad.numel():
+        raise ValueError(f"Targets {bad.tolist()} are out of range: the model has {classes} classes, 0..{classes - 1}.")
+    return wanted.to(logits.device)

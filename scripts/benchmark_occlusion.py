@@ -1,0 +1,151 @@
+"""Benchmark: the occlusion probability map (paper Fig. 7d) against ``captum.attr.Occlusion``.
+
+Both slide the same grey square (same patch, stride, fill) over the same images and score the same target
+classes; Captum runs at each of ``--ppe`` (its ``perturbations_per_eval``) and its fastest is the baseline.
+Timing is ``timed()`` of ``scripts/benchmark.py``: a warm-up round, then rounds in which the functions take
+turns, so the ratio holds on a machine whose speed drifts. The outputs are checked equal: Captum's
+attribution of a pixel is the mean, over the squares covering it, of the drop in probability from the
+unoccluded image, which is computed here from our map and compared.
+
+Settings: the demo's half-width ZFNet at 64 px (patch 16, stride 4) and the full ZFNet at 224 px (a few
+images, patch 64, stride 32), random weights (the output layer's scaled up, so that the probabilities vary
+and the check of the outputs means something), eval mode. The image size minus the patch is a multiple of
+the stride in both: Captum then places its squares exactly where :func:`occlusion` does (otherwise it adds a
+last, partial square).
+
+Usage::
+
+    python scripts/benchmark_occlusion.py --threads 2   # prints a table, writes runs/benchmark_occlusion.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from benchmark import cpu_name, timed  # scripts/ is on the path when this script runs
+from captum.attr import Occlusion as CaptumOcclusion
+
+from lightning_deconv.analysis.occlusion import default_batch_size, occlusion
+from lightning_deconv.paper.models import ZFNet
+
+SETTINGS = {
+    "demo": {"width": 0.5, "size": 64, "images": 8, "patch": 16, "stride": 4},
+    "full": {"width": 1.0, "size": 224, "images": 2, "patch": 64, "stride": 32},
+}
+
+
+def captum_map(captum: CaptumOcclusion, images: torch.Tensor, patch: int, stride: int, targets, ppe: int):
+    channels = images.shape[1]
+    return captum.attribute(
+        images,
+        sliding_window_shapes=(channels, patch, patch),
+        strides=(channels, stride, stride),
+        baselines=0.0,
+        target=targets,
+        perturbations_per_eval=ppe,
+    )
+
+
+def as_captum_attribution(model: torch.nn.Module, images: torch.Tensor, probability, targets, patch, stride):
+    """Captum's attribution from our map: per pixel, the mean over covering squares of p(unoccluded) - p."""
+    with torch.no_grad():
+        unoccluded = model(images).softmax(dim=1)[torch.arange(len(images)), targets]
+    drop = (unoccluded[:, None, None] - probability.double()).flatten(1)  # [N, h*w]
+    size = tuple(images.shape[-2:])
+    columns = drop[:, None, :].expand(-1, patch * patch, -1)
+    total = F.fold(columns, size, patch, stride=stride)
+    count = F.fold(torch.ones_like(columns), size, patch, stride=stride)
+    return (total / count).expand(-1, images.shape[1], -1, -1)
+
+
+def compare(setting: dict, ppes: list[int], repeats: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = ZFNet(num_classes=10 if setting["size"] == 64 else 1000, width=setting["width"], input_size=setting["size"])
+    with torch.no_grad():  # random ZFNets give nearly uniform probabilities: sharpen them, so the check means something
+        model.classifier.fc8.weight.mul_(300)
+    model.eval()
+    images = torch.randn(setting["images"], 3, setting["size"], setting["size"])
+    patch, stride = setting["patch"], setting["stride"]
+    ours = occlusion(model, images, patch, stride)
+    targets = ours.targets
+    captum = CaptumOcclusion(lambda x: model(x).softmax(dim=1))
+
+    # Outputs: Captum's attribution against the one our map implies.
+    want = captum_map(captum, images, patch, stride, targets, max(ppes)).double()
+    got = as_captum_attribution(model, images, ours.probability, targets, patch, stride)
+    difference = float((got - want).abs().max())
+
+    fns: dict[str, Callable[[], object]] = {"ours": lambda: occlusion(model, images, patch, stride, targets=targets)}
+    for ppe in ppes:
+        fns[f"captum_ppe{ppe}"] = lambda ppe=ppe: captum_map(captum, images, patch, stride, targets, ppe)
+    times = timed(fns, repeats, torch.device("cpu"))
+    best = min(ppes, key=lambda ppe: times[f"captum_ppe{ppe}"]["median"])
+    return {
+        "setting": {**setting, "positions": list(ours.probability.shape[1:]), "batch_size": default_batch_size(images)},
+        "occluded_images": int(ours.probability.numel()),
+        "times": times,
+        "captum_best_ppe": best,
+        "ratio": times[f"captum_ppe{best}"]["median"] / times["ours"]["median"],
+        "max_abs_difference_of_attribution": difference,
+        "largest_attribution": float(want.abs().max()),
+        "relative_difference": difference / float(want.abs().max()),
+        "probability_range": [float(ours.probability.min()), float(ours.probability.max())],
+    }
+
+
+def _seconds(t: dict[str, float]) -> str:
+    return f"{t['median']:.3f} s ({t['min']:.3f}..{t['max']:.3f})"
+
+
+def table(report: dict) -> str:
+    header = "| setting | occlusion() | Captum, best ppe | speed-up | outputs: max rel. difference |"
+    lines = [header, "| --- " * 5 + "|"]
+    for name, r in report["results"].items():
+        s = r["setting"]
+        label = (
+            f"{name}: ZFNet x{s['width']} at {s['size']} px, {s['images']} images, patch {s['patch']}, "
+            f"stride {s['stride']} ({r['occluded_images']} occluded images)"
+        )
+        best = r["times"][f"captum_ppe{r['captum_best_ppe']}"]
+        lines.append(
+            f"| {label} | {_seconds(r['times']['ours'])} | {_seconds(best)} (ppe {r['captum_best_ppe']}) | "
+            f"**{r['ratio']:.2f}x** | {r['relative_difference']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ppe", type=int, nargs="+", default=[1, 8, 32, 64, 128], help="Captum's values to try")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="runs/benchmark_occlusion.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "python": platform.python_version()},
+        "torch": torch.__version__,
+        "ppe_tried": args.ppe,
+        "repeats": args.repeats,
+        "results": {},
+    }
+    for name in args.settings:
+        report["results"][name] = compare(SETTINGS[name], args.ppe, args.repeats, args.seed)
+        print(json.dumps(report["results"][name], indent=1), flush=True)
+    print(table(report))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    print(f"Wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Run by test_compat.py in a subprocess: two 2-process CPU DDP fits (Lightning re-launches this script)."""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch.nn.functional as F
+from test_compat import Classifier, images
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_deconv import DeconvCallback
+
+out = Path(sys.argv[1])
+
+
+class FunctionalPooling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(F.max_pool2d(self.conv1(x), 3, stride=1, padding=1)))
+
+
+class FailsOnRankOne(DeconvCallback):
+    """Its first firing breaks on rank 1 only."""
+
+    calls = 0
+
+    def _project_share(self, rank, world, state):
+        self.calls += 1
+        if rank == 1 and self.calls == 1:
+            raise RuntimeError("rank 1 broke")
+        return super()._project_share(rank, world, state)
+
+
+def run(callback):
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        callbacks=[callback],
+        logger=False,
+        default_root_dir=out,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Classifier(FunctionalPooling), DataLoader(TensorDataset(*images(16)), batch_size=4))
+    return trainer
+
+
+result = {}
+kwargs = {"probe": images(8)[0], "features_per_layer": 3, "epochs": (1, 2), "crop": "support"}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    functional = DeconvCallback(**kwargs)
+    trainer = run(functional)
+    failing = FailsOnRankOne(**kwargs)
+    run(failing)
+if trainer.is_global_zero:
+    result["functional"] = {layer: sorted(h) for layer, h in functional.history.items()}
+    result["failing"] = {layer: sorted(h) for layer, h in failing.history.items()}
+    result["warning"] = " ".join(str(w.message) for w in caught if "failed and was skipped" in str(w.message))
+    (out / "result.json").write_text(json.dumps(result))
