@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision.utils import save_image
 
 from lightning_deconv._compat import callback_bases, override, rank_zero_info, rank_zero_warn
 from lightning_deconv.analysis.occlusion import occlusion
 from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift
+from lightning_deconv.analysis.top_k import TopK, merge_top_k, project_top_k, save_top_k, top_k
 from lightning_deconv.engine import CROPS, MODES, Projection, Projector
 from lightning_deconv.layers import check_images, layer_name, named_layers
 from lightning_deconv.probe import draw_probe, untouched_rng
-from lightning_deconv.render import evolution_grid, filter_grid, occlusion_grid, projection_grid
+from lightning_deconv.render import evolution_grid, filter_grid, occlusion_grid, projection_grid, top_k_grid
 from lightning_deconv.rules import RULES
 from lightning_deconv.selection import Maxima, auto_layers, choose_features, trace
 
@@ -93,6 +96,11 @@ class DeconvCallback(*callback_bases()):
             unoccluded top class and the most probable class, as a grey square (a quarter of the image side,
             stride a sixteenth) slides over each image. 0: off.
         occlusion_epochs: when to log those maps (default: at every firing).
+        top_k: the paper's Fig. 2: for each tracked feature, its ``top_k`` strongest activations over the whole
+            validation set (each in a different image), projected beside their image patches
+            (:func:`~lightning_deconv.analysis.top_k.top_k`). 0: off. Under DDP each rank scans its own shard.
+        top_k_epochs: when to scan (default: once, at the end of training).
+        top_k_batches: scan only this many batches of the validation set (default: all of it).
         strict: raise on a failing firing instead of warning and going on (for debugging).
 
     Raises:
@@ -134,6 +142,9 @@ class DeconvCallback(*callback_bases()):
         measures: bool = True,
         occlusion: int = 0,
         occlusion_epochs: Sequence[int] | None = None,
+        top_k: int = 0,
+        top_k_epochs: Sequence[int] | None = None,
+        top_k_batches: int | None = None,
         strict: bool = False,
     ) -> None:
         if probe is not None and not isinstance(probe, (Tensor, Dataset, DataLoader)):
@@ -150,6 +161,9 @@ class DeconvCallback(*callback_bases()):
             _check_int(value, label)
         _check_int(batch_size, "batch_size")
         _check_int(occlusion, "occlusion", minimum=0)
+        _check_int(top_k, "top_k", minimum=0)
+        if top_k_batches is not None:
+            _check_int(top_k_batches, "top_k_batches")
         _check_int(seed, "seed", minimum=None)
         for value, allowed, label in ((mode, MODES, "mode"), (rule, RULES, "rule"), (crop, CROPS, "crop")):
             if value not in allowed:
@@ -167,6 +181,8 @@ class DeconvCallback(*callback_bases()):
         self.seed, self.batch_size, self.measures, self.strict = seed, batch_size, measures, strict
         self.occlusion = occlusion
         self.occlusion_epochs = None if occlusion_epochs is None else _normalise_epochs(occlusion_epochs)
+        self.top_k, self.top_k_batches = top_k, top_k_batches
+        self.top_k_epochs = None if top_k_epochs is None else _normalise_epochs(top_k_epochs)
         # Per-run state: made at fit start, or restored from a checkpoint by load_state_dict().
         self.probe: Tensor | None = None
         self.features: dict[str, list[int]] = {}
@@ -177,6 +193,7 @@ class DeconvCallback(*callback_bases()):
         self.measure_seconds: dict[int, float] = {}
         self._first_conv: str | None = None
         self._fired_epochs: set[int] = set()
+        self.top_k_done: list[int] = []  # epochs whose top k were saved (resumable)
         self._restored = False
 
     @property
@@ -270,6 +287,8 @@ class DeconvCallback(*callback_bases()):
         completed = trainer.fit_loop.epoch_progress.current.completed
         if self.fire_at_end and completed > 0 and not self._fired(completed):
             self._fire(trainer, pl_module, completed)
+        if self.top_k and self.top_k_epochs is None and completed > 0 and completed not in self.top_k_done:
+            self._fire_top_k(trainer, completed)
         if trainer.is_global_zero:
             self._print_tensorboard_command(trainer)
 
@@ -279,6 +298,8 @@ class DeconvCallback(*callback_bases()):
     def _maybe_fire(self, trainer: Any, pl_module: Any, epoch: int) -> None:
         if epoch in self.epochs and not self._fired(epoch):
             self._fire(trainer, pl_module, epoch)
+        if self.top_k and epoch in (self.top_k_epochs or ()) and epoch not in self.top_k_done:
+            self._fire_top_k(trainer, epoch)
 
     # ------------------------------------------------------------------ one firing
     def _fire(self, trainer: Any, pl_module: Any, epoch: int) -> None:
@@ -311,6 +332,50 @@ class DeconvCallback(*callback_bases()):
                 f"DeconvCallback: the firing after epoch {epoch} failed and was skipped ({error}); training goes "
                 f"on and the next firing tries again. Pass strict=True to raise instead.\n{detail}"
             )
+
+    def _fire_top_k(self, trainer: Any, epoch: int) -> None:
+        """Fig. 2: every rank scans its shard of the validation set; rank 0 merges, projects, saves and logs."""
+        self.top_k_done.append(epoch)  # every rank, so that all agree on what has fired
+        rank, world = trainer.global_rank, trainer.world_size
+        state = _rank_zero_buffers(self._model, world)
+        try:
+            mine: Any = self._top_k_share(trainer, rank, world, state)
+        except Exception as error:  # a firing must never stop training
+            if self.strict:
+                raise
+            mine = _Failure(f"rank {rank}: {type(error).__name__}: {error}", traceback.format_exc())
+        parts = _gather_to_zero(mine, world)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
+        try:
+            failures = [p for p in parts if isinstance(p, _Failure)]
+            if failures:
+                raise _FiringFailed(failures)
+            top = merge_top_k(parts, k=self.top_k)
+            projected = project_top_k(self.plan, top)
+            save_top_k(log_dir, epoch, top, projected)
+            for layer, found in top.items():
+                rows = (len(found.channels), found.k)
+                crops, patches = projected[layer].crops.unflatten(0, rows), projected[layer].patches.unflatten(0, rows)
+                picture = top_k_grid(crops, patches)
+                save_image(picture, Path(log_dir) / "deconv" / f"{layer}_top{self.top_k}.png")
+                for logger in trainer.loggers:
+                    _log_image(logger, f"deconv/{layer}/top{self.top_k}", picture, epoch)
+        except Exception as error:
+            if self.strict:
+                raise
+            detail = "".join(f.traceback for f in getattr(error, "failures", [])) or traceback.format_exc()
+            rank_zero_warn(f"DeconvCallback: the top-{self.top_k} scan after epoch {epoch} failed ({error}).\n{detail}")
+
+    def _top_k_share(self, trainer: Any, rank: int, world: int, state: dict[str, Tensor] | None) -> dict[str, TopK]:
+        """This rank's top k over items ``rank, rank + world, ...`` of the validation set, with global indices."""
+        data = _shard(_validation_data(trainer), rank, world)
+        batches = None if self.top_k_batches is None else -(-self.top_k_batches // world)
+        found = top_k(
+            self._model, data, self.features, self.top_k, self.batch_size, batches, True, self.probe_key, state
+        )
+        return {layer: replace(t, index=t.index * world + rank) for layer, t in found.items()}
 
     def _project_share(self, rank: int, world: int, state: dict[str, Tensor] | None) -> dict[str, Any]:
         """This rank's share of every layer's projections (``rows[rank::world]``), with the maxima of all."""
@@ -455,13 +520,14 @@ class DeconvCallback(*callback_bases()):
     # ------------------------------------------------------------------ checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"probe": self.probe, "features": self.features, "history": self.history}
+        return {"probe": self.probe, "features": self.features, "history": self.history, "top_k_done": self.top_k_done}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe = state_dict["probe"]
         self.features = state_dict["features"]
         self.history = state_dict["history"]
+        self.top_k_done = list(state_dict.get("top_k_done", []))
         self._restored = True
 
     def _log_occlusion(self, trainer: Any, epoch: int, layer: str) -> None:
@@ -564,6 +630,16 @@ def _projected_model(pl_module: nn.Module) -> nn.Module:
     return _ChildForward(pl_module, holders[0])
 
 
+def _first_loader(source: Any) -> Any:
+    """The loader a Lightning data source defines (the first of a collection), or ``None``."""
+    if not source.is_defined():
+        return None
+    loader = source.dataloader()
+    while isinstance(loader, (list, tuple, Mapping)) and loader:
+        loader = next(iter(loader.values())) if isinstance(loader, Mapping) else loader[0]
+    return loader
+
+
 def _data_source(trainer: Any) -> Any:
     """Where ``probe=None`` draws from: the datamodule's ``probe_dataset()``, else the first validation loader,
     else the first training loader, wherever it is defined (``fit()``, a datamodule, the module's hooks)."""
@@ -572,13 +648,8 @@ def _data_source(trainer: Any) -> Any:
         return datamodule.probe_dataset()
     # The loops' data sources know the loaders wherever they were given (fit(), datamodule, module hooks)
     # before the loops load them.
-    sources = (trainer.fit_loop.epoch_loop.val_loop._data_source, trainer.fit_loop._data_source)
-    for source in sources:
-        if not source.is_defined():
-            continue
-        loader = source.dataloader()
-        while isinstance(loader, (list, tuple, Mapping)) and loader:
-            loader = next(iter(loader.values())) if isinstance(loader, Mapping) else loader[0]
+    for source in (trainer.fit_loop.epoch_loop.val_loop._data_source, trainer.fit_loop._data_source):
+        loader = _first_loader(source)
         if loader is not None:
             return loader
     raise ValueError(
@@ -586,6 +657,36 @@ def _data_source(trainer: Any) -> Any:
         "defined (in fit(), a datamodule or the LightningModule). Pass `probe=` a tensor of images, a Dataset or a "
         "DataLoader."
     )
+
+
+def _validation_data(trainer: Any) -> Any:
+    """The validation set the top k are taken over: the first validation loader's dataset (or the loader)."""
+    with untouched_rng():
+        loader = _first_loader(trainer.fit_loop.epoch_loop.val_loop._data_source)
+    if loader is None:
+        raise ValueError("DeconvCallback(top_k=...) needs a validation loader to scan; none is defined.")
+    return loader.dataset if isinstance(loader, DataLoader) and loader.dataset is not None else loader
+
+
+class _Strided(IterableDataset):
+    """Items ``rank, rank + world, ...`` of an iterable (one DDP rank's shard)."""
+
+    def __init__(self, data: Iterable, rank: int, world: int) -> None:
+        self.data, self.rank, self.world = data, rank, world
+
+    def __iter__(self) -> Iterator:
+        return islice(iter(self.data), self.rank, None, self.world)
+
+
+def _shard(data: Any, rank: int, world: int) -> Any:
+    """Items ``rank, rank + world, ...`` of ``data``: local item ``j`` is global item ``j * world + rank``."""
+    if world == 1:
+        return data
+    if isinstance(data, Tensor):
+        return data[rank::world]
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
+        return Subset(data, range(rank, len(data), world))
+    return _Strided(data, rank, world)
 
 
 def _same_on_every_rank(trainer: Any, probe: Tensor) -> Tensor:

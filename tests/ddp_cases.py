@@ -6,25 +6,13 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as L
-import torch.nn.functional as F
-from test_compat import Classifier, images
-from torch import nn
+import torch
+from test_compat import Classifier, FunctionalPooling, images
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deconv import DeconvCallback
 
 out = Path(sys.argv[1])
-
-
-class FunctionalPooling(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(6, 4, 3, stride=2, padding=1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        return self.relu(self.conv2(F.max_pool2d(self.conv1(x), 3, stride=1, padding=1)))
 
 
 class FailsOnRankOne(DeconvCallback):
@@ -39,7 +27,7 @@ class FailsOnRankOne(DeconvCallback):
         return super()._project_share(rank, world, state)
 
 
-def run(callback):
+def run(callback, val=None):
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
         strategy="ddp",
@@ -53,8 +41,9 @@ def run(callback):
         enable_checkpointing=False,
         enable_model_summary=False,
     )
-    trainer.fit(Classifier(FunctionalPooling), DataLoader(TensorDataset(*images(16)), batch_size=4))
-    return trainer
+    model = Classifier(FunctionalPooling)
+    trainer.fit(model, DataLoader(TensorDataset(*images(16)), batch_size=4), val)
+    return trainer, model
 
 
 result = {}
@@ -62,11 +51,14 @@ kwargs = {"probe": images(8)[0], "features_per_layer": 3, "epochs": (1, 2), "cro
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     functional = DeconvCallback(**kwargs)
-    trainer = run(functional)
+    trainer, _ = run(functional)
     failing = FailsOnRankOne(**kwargs)
     run(failing)
+    scanning = DeconvCallback(**{**kwargs, "epochs": (1,), "top_k": 3})
+    _, model = run(scanning, val=DataLoader(TensorDataset(*images(11, seed=3)), batch_size=4))
 if trainer.is_global_zero:
     result["functional"] = {layer: sorted(h) for layer, h in functional.history.items()}
     result["failing"] = {layer: sorted(h) for layer, h in failing.history.items()}
     result["warning"] = " ".join(str(w.message) for w in caught if "failed and was skipped" in str(w.message))
     (out / "result.json").write_text(json.dumps(result))
+    torch.save(model.state_dict(), out / "top_k_model.pt")

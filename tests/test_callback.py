@@ -313,3 +313,24 @@ def test_occlusion_maps_are_logged_at_their_epochs(tmp_path):
     assert (pixels.int() - expected.int()).abs().max() <= 1
     with pytest.raises(ValueError, match="at least 0"):
         DeconvCallback(occlusion=-1)
+
+
+def test_top_k_over_the_validation_set_at_the_end(tmp_path):
+    """Fig. 2 live: the saved top k equal top_k() over the validation set on the final weights, projected as the
+    engine projects them, drawn as a picture and logged."""
+    from lightning_deconv.analysis.top_k import load_top_k, project_top_k, top_k
+
+    callback = DeconvCallback(probe=PROBE, features_per_layer=2, epochs=(1,), top_k=4)
+    trainer, model = fit(tmp_path, [callback], max_epochs=2)
+    log_dir = Path(trainer.log_dir)
+    saved = load_top_k(log_dir / "deconv" / "top4_epoch_002.pt")
+    val = dataset(32, 1)  # Tiny's validation set
+    want = top_k(model, val, callback.features, k=4)
+    projected = project_top_k(model, want, val)
+    for layer, got in saved.top.items():
+        assert torch.equal(got.index, want[layer].index) and torch.equal(got.position, want[layer].position)
+        crops = projected[layer].crops.unflatten(0, (2, 4))
+        assert torch.allclose(saved.crops[layer], crops, rtol=1e-4, atol=1e-6)
+        assert (log_dir / "deconv" / f"{layer}_top4.png").exists()
+        assert tb_tags(log_dir)[f"deconv/{layer}/top4"] == [2]
+    assert callback.state_dict()["top_k_done"] == [2]

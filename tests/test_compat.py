@@ -54,6 +54,19 @@ def _image_and_label(batch):
     return (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
 
 
+class FunctionalPooling(nn.Module):
+    """A max-pooling called functionally: the module trace cannot see it, so fields are unknown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(F.max_pool2d(self.conv1(x), 3, stride=1, padding=1)))
+
+
 class Classifier(L.LightningModule):
     """What a user writes: a network as ``self.net`` (built now or in ``configure_model``), loaders given to fit()."""
 
@@ -353,3 +366,13 @@ def test_ddp_functional_pooling_support_crops_and_a_failing_rank(tmp_path):
     assert result["functional"] == {"net.conv1": [1, 2], "net.relu": [1, 2]}
     assert result["failing"] == {"net.conv1": [2], "net.relu": [2]}  # epoch 1 failed on rank 1: skipped
     assert "rank 1: RuntimeError: rank 1 broke" in result["warning"]
+    # Fig. 2 over a validation set sharded across the ranks equals the single-process top k on the same weights
+    from lightning_deconv.analysis.top_k import load_top_k, top_k
+
+    model = Classifier(FunctionalPooling)
+    model.load_state_dict(torch.load(tmp_path / "top_k_model.pt"))
+    (path,) = tmp_path.rglob("top3_epoch_002.pt")
+    saved = load_top_k(path)
+    want = top_k(model, TensorDataset(*images(11, seed=3)), {layer: t.channels for layer, t in saved.top.items()}, k=3)
+    for layer, got in saved.top.items():
+        assert torch.equal(got.index, want[layer].index) and torch.allclose(got.value, want[layer].value)

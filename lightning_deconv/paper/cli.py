@@ -44,6 +44,7 @@ class DeconvCLI(LightningCLI):
 
 def demo(argv: Sequence[str] = ()) -> None:
     """Train ``configs/demo.yaml`` (offline, CPU-sized) and draw the paper's figures from the run."""
+    from lightning_deconv.paper.figure2 import figure2
     from lightning_deconv.paper.figure4 import figure4
     from lightning_deconv.paper.figure5 import figure5
     from lightning_deconv.paper.figure7 import figure7
@@ -58,6 +59,7 @@ def demo(argv: Sequence[str] = ()) -> None:
     written = [
         figure4(log_dir, "figure4.png"),
         settling_figure(log_dir, "settling.png"),
+        figure2(log_dir, "figure2.png"),
         figure7(log_dir, "figure7.png"),
         figure5(log_dir, "figure5.png"),
     ]
