@@ -24,7 +24,7 @@ from torchvision.utils import save_image
 
 from lightning_deconv._compat import callback_bases, override, rank_zero_info, rank_zero_warn
 from lightning_deconv.analysis.occlusion import occlusion
-from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift
+from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift, feature_marks
 from lightning_deconv.analysis.top_k import TopK, merge_top_k, project_top_k, save_top_k, top_k
 from lightning_deconv.engine import CROPS, MODES, Projection, Projector
 from lightning_deconv.layers import check_images, layer_name, named_layers
@@ -191,6 +191,7 @@ class DeconvCallback(*callback_bases()):
         self._model: nn.Module | None = None  # what the plan runs: the LightningModule, or its network
         self.firing_seconds: dict[int, float] = {}
         self.measure_seconds: dict[int, float] = {}
+        self.top_k_seconds: dict[int, float] = {}
         self._first_conv: str | None = None
         self._fired_epochs: set[int] = set()
         self.top_k_done: list[int] = []  # epochs whose top k were saved (resumable)
@@ -219,7 +220,7 @@ class DeconvCallback(*callback_bases()):
         self._first_conv = _first_conv(model, self.probe) if self.measures else None
         if trainer.is_global_zero and self.measures:
             self._add_layout(trainer)
-        _say(trainer, f"DeconvCallback: {self.plan.describe()}")
+        rank_zero_info(f"DeconvCallback: {self.plan.describe()}")  # no progress bar to print above yet
 
     def _draw_probe(self, trainer: Any) -> Tensor:
         source = self.probe_source
@@ -336,6 +337,7 @@ class DeconvCallback(*callback_bases()):
     def _fire_top_k(self, trainer: Any, epoch: int) -> None:
         """Fig. 2: every rank scans its shard of the validation set; rank 0 merges, projects, saves and logs."""
         self.top_k_done.append(epoch)  # every rank, so that all agree on what has fired
+        start = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size
         state = _rank_zero_buffers(self._model, world)
         try:
@@ -362,6 +364,7 @@ class DeconvCallback(*callback_bases()):
                 save_image(picture, Path(log_dir) / "deconv" / f"{layer}_top{self.top_k}.png")
                 for logger in trainer.loggers:
                     _log_image(logger, f"deconv/{layer}/top{self.top_k}", picture, epoch)
+            self.top_k_seconds[epoch] = time.perf_counter() - start
         except Exception as error:
             if self.strict:
                 raise
@@ -441,17 +444,16 @@ class DeconvCallback(*callback_bases()):
     def _column(self, layer: str, epoch: int, result: Projection, found: Maxima) -> tuple[dict, dict[str, float]]:
         """This firing's column of ``layer``'s evolution grid (dead and NaN features marked), and its measures:
         CKA to the previous firing, the share of dead channels, the features' drift since the previous firing."""
-        finite = torch.isfinite(result.value) & torch.isfinite(result.images).flatten(1).all(dim=1)
-        if not finite.all():
+        marks = feature_marks(result.value, result.images)
+        if "NaN" in marks:
             rank_zero_warn(
-                f"DeconvCallback: after epoch {epoch}, {int((~finite).sum())} features of {layer!r} have NaN/Inf "
+                f"DeconvCallback: after epoch {epoch}, {marks.count('NaN')} features of {layer!r} have NaN/Inf "
                 "activations or projections (diverged weights?); they are marked in the grid."
             )
-        dead = finite & (result.value <= 0)
         column = {
             "crops": torch.nan_to_num(result.crops, nan=0.0, posinf=0.0, neginf=0.0),
             "patches": result.patches,
-            "marks": ["NaN" if not ok else "dead" if gone else None for ok, gone in zip(finite, dead, strict=True)],
+            "marks": marks,
             "source": result.source,
             "gram": found.gram,
         }

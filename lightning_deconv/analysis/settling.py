@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["cka_from_grams", "dead_share", "drift", "gram", "linear_cka", "settling_curves"]
+__all__ = ["cka_from_grams", "dead_share", "drift", "feature_marks", "gram", "linear_cka", "settling_curves"]
 
 
 def gram(activations: Tensor) -> Tensor:
@@ -71,6 +71,15 @@ def linear_cka(a: Tensor, b: Tensor) -> float:
 def dead_share(peaks: Tensor) -> float:
     """The share of channels whose maximum over the probe (``peaks [C]``) is at most 0."""
     return float((peaks <= 0).double().mean())
+
+
+def feature_marks(value: Tensor, projections: Tensor) -> list[str | None]:
+    """Per tracked feature, how a grid marks it: ``"NaN"`` (non-finite activation or projection: diverged
+    weights), ``"dead"`` (its strongest activation on the probe is at most 0: nothing to project) or ``None``."""
+    finite = torch.isfinite(value) & torch.isfinite(projections).flatten(1).all(dim=1)
+    return [
+        "NaN" if not ok else "dead" if v <= 0 else None for ok, v in zip(finite.tolist(), value.tolist(), strict=True)
+    ]
 
 
 def drift(before: Tensor, after: Tensor, sources_before: Tensor, sources_after: Tensor) -> tuple[float, float]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_deconv.analysis.settling import feature_marks
 from lightning_deconv.render import evolution_grid
 
 __all__ = ["figure4", "find_firings", "main"]
@@ -73,7 +74,9 @@ def figure4(run_dir: str | Path, output: str | Path, layers: Sequence[str] | Non
         saved = [f["layers"][name] for f in firings if name in f["layers"]]
         channels = saved[-1]["channels"].tolist()
         labels = [str(f["epoch"]) for f in firings if name in f["layers"]]
-        grid = evolution_grid([s["crops"] for s in saved], labels, [f"#{c}" for c in channels], cell_size=cell)
+        marks = [feature_marks(s["value"], s["projections"]) for s in saved]
+        rows = [f"#{c}" for c in channels]
+        grid = evolution_grid([s["crops"] for s in saved], labels, rows, cell_size=cell, marks=marks)
         blocks.append(grid)
     # The paper's layout: the layers' blocks side by side, each with features down and epochs across.
     scale = 1 / 90  # inches per pixel of the grids
