@@ -10,19 +10,28 @@ to watch, schedules, splits and gathers the work under DDP, and logs.
 from __future__ import annotations
 
 import time
-import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import save_image
 
 from lightning_deconv._compat import callback_bases, override, rank_zero_info, rank_zero_warn
+from lightning_deconv._trainer import (
+    data_source,
+    fire_safely,
+    log_image,
+    log_metrics,
+    projected_model,
+    same_on_every_rank,
+    say,
+    shard,
+    validation_data,
+)
 from lightning_deconv.analysis.occlusion import occlusion
 from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift, feature_marks
 from lightning_deconv.analysis.top_k import TopK, merge_top_k, project_top_k, save_top_k, top_k
@@ -208,9 +217,9 @@ class DeconvCallback(*callback_bases()):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # After configure_model, the move to the device and checkpoint restore; before the first step, so
         # that bad input fails here and not hours into training.
-        self._model = model = _projected_model(pl_module)
+        self._model = model = projected_model(pl_module)
         if not self._restored:
-            self.probe = _same_on_every_rank(trainer, self._draw_probe(trainer))
+            self.probe = same_on_every_rank(trainer, self._draw_probe(trainer))
             self.features = self._choose_features(model, self.probe)
             self.history = {layer: {} for layer in self.features}
         self._restored = False
@@ -228,7 +237,7 @@ class DeconvCallback(*callback_bases()):
             return draw_probe(source, len(source), self.seed)  # every image, in order, checked
         if source is None:
             with untouched_rng():
-                source = _data_source(trainer)
+                source = data_source(trainer)
         return draw_probe(source, self.probe_size, self.seed, self.probe_key)
 
     def _choose_features(self, model: nn.Module, probe: Tensor) -> dict[str, list[int]]:
@@ -304,56 +313,24 @@ class DeconvCallback(*callback_bases()):
 
     # ------------------------------------------------------------------ one firing
     def _fire(self, trainer: Any, pl_module: Any, epoch: int) -> None:
-        """Every rank projects its share and reaches the gather, failed or not, so no collective can hang; rank 0
-        alone merges, logs and writes."""
+        """Every rank projects its share of the features; rank 0 merges, measures, logs and writes."""
         start = time.perf_counter()
         self._fired_epochs.add(epoch)  # every rank must agree on what has fired, or collectives would hang
-        rank, world = trainer.global_rank, trainer.world_size
-        state = _rank_zero_buffers(self._model, world)
-        try:
-            mine: Any = self._project_share(rank, world, state)
-        except Exception as error:  # a firing must never stop training
-            if self.strict:
-                raise
-            mine = _Failure(f"rank {rank}: {type(error).__name__}: {error}", traceback.format_exc())
-        parts = _gather_to_zero(mine, world)
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
-        if not trainer.is_global_zero:
-            return
-        try:
-            failures = [p for p in parts if isinstance(p, _Failure)]
-            if failures:
-                raise _FiringFailed(failures)
-            self._record(trainer, Path(log_dir) / "deconv", epoch, self._merge(parts), parts[0]["maxima"], start)
-        except Exception as error:
-            if self.strict:
-                raise
-            detail = "".join(f.traceback for f in getattr(error, "failures", [])) or traceback.format_exc()
-            rank_zero_warn(
-                f"DeconvCallback: the firing after epoch {epoch} failed and was skipped ({error}); training goes "
-                f"on and the next firing tries again. Pass strict=True to raise instead.\n{detail}"
-            )
+
+        def finish(parts: list[dict[str, Any]], log_dir: Path) -> None:
+            self._record(trainer, log_dir / "deconv", epoch, self._merge(parts), parts[0]["maxima"], start)
+
+        fire_safely(trainer, self._model, f"firing after epoch {epoch}", self._project_share, finish, self.strict)
 
     def _fire_top_k(self, trainer: Any, epoch: int) -> None:
         """Fig. 2: every rank scans its shard of the validation set; rank 0 merges, projects, saves and logs."""
-        self.top_k_done.append(epoch)  # every rank, so that all agree on what has fired
         start = time.perf_counter()
-        rank, world = trainer.global_rank, trainer.world_size
-        state = _rank_zero_buffers(self._model, world)
-        try:
-            mine: Any = self._top_k_share(trainer, rank, world, state)
-        except Exception as error:  # a firing must never stop training
-            if self.strict:
-                raise
-            mine = _Failure(f"rank {rank}: {type(error).__name__}: {error}", traceback.format_exc())
-        parts = _gather_to_zero(mine, world)
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
-        if not trainer.is_global_zero:
-            return
-        try:
-            failures = [p for p in parts if isinstance(p, _Failure)]
-            if failures:
-                raise _FiringFailed(failures)
+        self.top_k_done.append(epoch)  # every rank, so that all agree on what has fired
+
+        def share(rank: int, world: int, state: dict[str, Tensor] | None) -> dict[str, TopK]:
+            return self._top_k_share(trainer, rank, world, state)
+
+        def finish(parts: list[dict[str, TopK]], log_dir: Path) -> None:
             top = merge_top_k(parts, k=self.top_k)
             projected = project_top_k(self.plan, top)
             save_top_k(log_dir, epoch, top, projected)
@@ -361,19 +338,16 @@ class DeconvCallback(*callback_bases()):
                 rows = (len(found.channels), found.k)
                 crops, patches = projected[layer].crops.unflatten(0, rows), projected[layer].patches.unflatten(0, rows)
                 picture = top_k_grid(crops, patches)
-                save_image(picture, Path(log_dir) / "deconv" / f"{layer}_top{self.top_k}.png")
+                save_image(picture, log_dir / "deconv" / f"{layer}_top{self.top_k}.png")
                 for logger in trainer.loggers:
-                    _log_image(logger, f"deconv/{layer}/top{self.top_k}", picture, epoch)
+                    log_image(logger, f"deconv/{layer}/top{self.top_k}", picture, epoch)
             self.top_k_seconds[epoch] = time.perf_counter() - start
-        except Exception as error:
-            if self.strict:
-                raise
-            detail = "".join(f.traceback for f in getattr(error, "failures", [])) or traceback.format_exc()
-            rank_zero_warn(f"DeconvCallback: the top-{self.top_k} scan after epoch {epoch} failed ({error}).\n{detail}")
+
+        fire_safely(trainer, self._model, f"top-{self.top_k} scan after epoch {epoch}", share, finish, self.strict)
 
     def _top_k_share(self, trainer: Any, rank: int, world: int, state: dict[str, Tensor] | None) -> dict[str, TopK]:
         """This rank's top k over items ``rank, rank + world, ...`` of the validation set, with global indices."""
-        data = _shard(_validation_data(trainer), rank, world)
+        data = shard(validation_data(trainer), rank, world)
         batches = None if self.top_k_batches is None else -(-self.top_k_batches // world)
         found = top_k(
             self._model, data, self.features, self.top_k, self.batch_size, batches, True, self.probe_key, state
@@ -433,9 +407,9 @@ class DeconvCallback(*callback_bases()):
         self.firing_seconds[epoch] = seconds
         self.measure_seconds[epoch] = measured
         for logger in trainer.loggers:  # one step convention for everything the callback logs: the epoch
-            _log_metrics(logger, {**scalars, "deconv/seconds": seconds}, epoch)
+            log_metrics(logger, {**scalars, "deconv/seconds": seconds}, epoch)
         count = sum(len(c) for c in self.features.values())
-        _say(
+        say(
             trainer,
             f"DeconvCallback: epoch {epoch}: projected {count} features of {len(layers)} layers in {seconds:.2f}s, "
             f"logged deconv/<layer>/evolution; files in {out_dir}",
@@ -481,7 +455,7 @@ class DeconvCallback(*callback_bases()):
             experiment = getattr(logger, "experiment", None)
             try:
                 if picture is not None:
-                    _log_image(logger, f"deconv/{self._first_conv}/filters", picture, epoch)
+                    log_image(logger, f"deconv/{self._first_conv}/filters", picture, epoch)
                 if hasattr(experiment, "add_histogram"):
                     experiment.add_histogram(f"deconv/{self._first_conv}/filter_rms", rms, global_step=epoch)
             except Exception as error:  # a logging failure must never stop training
@@ -507,13 +481,13 @@ class DeconvCallback(*callback_bases()):
         save_image(grid, out_dir / f"{layer}_evolution.png")
         for tag, image in ((f"deconv/{layer}/evolution", grid), (f"deconv/{layer}/epoch", snapshot)):
             for logger in trainer.loggers:
-                _log_image(logger, tag, image, epoch)
+                log_image(logger, tag, image, epoch)
 
     @staticmethod
     def _print_tensorboard_command(trainer: Any) -> None:
         for logger in trainer.loggers:
             if hasattr(getattr(logger, "experiment", None), "add_image"):
-                _say(
+                say(
                     trainer,
                     "DeconvCallback: see the feature evolution with\n"
                     f"  tensorboard --logdir {logger.save_dir} --samples_per_plugin images=100",
@@ -540,7 +514,7 @@ class DeconvCallback(*callback_bases()):
         found = occlusion(self._model, images.to(device), max(1, side // 4), max(1, side // 16), layer=layer)
         picture = occlusion_grid(images, found.feature, found.probability, found.label)
         for logger in trainer.loggers:
-            _log_image(logger, "deconv/occlusion", picture, epoch)
+            log_image(logger, "deconv/occlusion", picture, epoch)
 
     @staticmethod
     def _add_layout(trainer: Any) -> None:
@@ -561,32 +535,12 @@ class DeconvCallback(*callback_bases()):
                     rank_zero_warn(f"DeconvCallback could not write the TensorBoard layout: {error}")
 
 
-class _Failure:
-    """A rank's failed share of a firing: what went wrong, sent to rank 0 in place of results."""
-
-    def __init__(self, cause: str, traceback: str) -> None:
-        self.cause, self.traceback = cause, traceback
-
-
-class _FiringFailed(RuntimeError):
-    def __init__(self, failures: list[_Failure]) -> None:
-        super().__init__("; ".join(f.cause for f in failures))
-        self.failures = failures
-
-
 def _first_conv(model: nn.Module, probe: Tensor) -> str | None:
     """The name of the first convolution the model runs (the paper's layer-1 filters)."""
     param = next(model.parameters())
     seen = trace(model, probe[:1].to(param.device, param.dtype))
     modules = named_layers(model)
     return next((name for name in seen.order if isinstance(modules.get(name), nn.Conv2d)), None)
-
-
-def _log_metrics(logger: Any, metrics: dict[str, float], epoch: int) -> None:
-    try:
-        logger.log_metrics(metrics, step=epoch)
-    except Exception as error:  # a logging failure must never stop training
-        rank_zero_warn(f"DeconvCallback could not log its scalars to {type(logger).__name__}: {error}")
 
 
 def _as_dict(result: Projection) -> dict[str, Tensor]:
@@ -601,139 +555,3 @@ def _as_dict(result: Projection) -> dict[str, Tensor]:
         "value": result.value,
         "boxes": result.boxes,
     }
-
-
-class _ChildForward(nn.Module):
-    """A LightningModule that defines no ``forward`` (its steps call ``self.net(x)``), seen as a model that calls
-    that child: same modules, same names (the children's dict is shared, nothing is copied)."""
-
-    def __init__(self, owner: nn.Module, child: str) -> None:
-        super().__init__()
-        self._modules = owner._modules
-        self.training = owner.training
-        self._child = child
-
-    def forward(self, x: Tensor) -> Any:
-        return self._modules[self._child](x)
-
-
-def _projected_model(pl_module: nn.Module) -> nn.Module:
-    """``pl_module``, or for one without its own ``forward``, the model that calls its only conv-holding child."""
-    if getattr(type(pl_module).forward, "__qualname__", "") != "LightningModule.forward":
-        return pl_module
-    holders = [
-        name for name, child in pl_module.named_children() if any(isinstance(m, nn.Conv2d) for m in child.modules())
-    ]
-    if len(holders) != 1:
-        raise ValueError(
-            f"{type(pl_module).__name__} defines no forward(), and DeconvCallback cannot tell which of its children "
-            f"is the network ({holders or 'none holds a Conv2d'}). Define forward(self, x) to run the network."
-        )
-    return _ChildForward(pl_module, holders[0])
-
-
-def _first_loader(source: Any) -> Any:
-    """The loader a Lightning data source defines (the first of a collection), or ``None``."""
-    if not source.is_defined():
-        return None
-    loader = source.dataloader()
-    while isinstance(loader, (list, tuple, Mapping)) and loader:
-        loader = next(iter(loader.values())) if isinstance(loader, Mapping) else loader[0]
-    return loader
-
-
-def _data_source(trainer: Any) -> Any:
-    """Where ``probe=None`` draws from: the datamodule's ``probe_dataset()``, else the first validation loader,
-    else the first training loader, wherever it is defined (``fit()``, a datamodule, the module's hooks)."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "probe_dataset"):
-        return datamodule.probe_dataset()
-    # The loops' data sources know the loaders wherever they were given (fit(), datamodule, module hooks)
-    # before the loops load them.
-    for source in (trainer.fit_loop.epoch_loop.val_loop._data_source, trainer.fit_loop._data_source):
-        loader = _first_loader(source)
-        if loader is not None:
-            return loader
-    raise ValueError(
-        "DeconvCallback(probe=None) found no data to draw the probe from: no validation or training loader is "
-        "defined (in fit(), a datamodule or the LightningModule). Pass `probe=` a tensor of images, a Dataset or a "
-        "DataLoader."
-    )
-
-
-def _validation_data(trainer: Any) -> Any:
-    """The validation set the top k are taken over: the first validation loader's dataset (or the loader)."""
-    with untouched_rng():
-        loader = _first_loader(trainer.fit_loop.epoch_loop.val_loop._data_source)
-    if loader is None:
-        raise ValueError("DeconvCallback(top_k=...) needs a validation loader to scan; none is defined.")
-    return loader.dataset if isinstance(loader, DataLoader) and loader.dataset is not None else loader
-
-
-class _Strided(IterableDataset):
-    """Items ``rank, rank + world, ...`` of an iterable (one DDP rank's shard)."""
-
-    def __init__(self, data: Iterable, rank: int, world: int) -> None:
-        self.data, self.rank, self.world = data, rank, world
-
-    def __iter__(self) -> Iterator:
-        return islice(iter(self.data), self.rank, None, self.world)
-
-
-def _shard(data: Any, rank: int, world: int) -> Any:
-    """Items ``rank, rank + world, ...`` of ``data``: local item ``j`` is global item ``j * world + rank``."""
-    if world == 1:
-        return data
-    if isinstance(data, Tensor):
-        return data[rank::world]
-    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
-        return Subset(data, range(rank, len(data), world))
-    return _Strided(data, rank, world)
-
-
-def _same_on_every_rank(trainer: Any, probe: Tensor) -> Tensor:
-    """Rank 0's probe on every rank (iterable datasets may yield other items on other ranks)."""
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return trainer.strategy.broadcast(probe, src=0)
-    return probe
-
-
-def _say(trainer: Any, message: str) -> None:
-    """One line for the user, above the progress bar if there is one (rank 0 only)."""
-    bar = getattr(trainer, "progress_bar_callback", None)
-    if bar is not None and hasattr(bar, "print") and trainer.is_global_zero:
-        bar.print(message)
-    else:
-        rank_zero_info(message)
-
-
-def _log_image(logger: Any, tag: str, image: Tensor, epoch: int) -> None:
-    """Log through TensorBoard's ``add_image`` or a logger's ``log_image``; warn rather than crash."""
-    try:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image(tag, image, global_step=epoch)
-        elif hasattr(logger, "log_image"):
-            logger.log_image(key=tag, images=[image], step=epoch)
-    except Exception as error:  # a logging failure must never stop training
-        rank_zero_warn(f"DeconvCallback could not log {tag!r} to {type(logger).__name__}: {error}")
-
-
-def _rank_zero_buffers(model: nn.Module, world: int) -> dict[str, Tensor] | None:
-    """Under DDP, rank 0's buffers (BatchNorm statistics), which can differ on other ranks between forward
-    passes; every rank projects with them, without changing its own copy."""
-    if world == 1 or not torch.distributed.is_initialized():
-        return None
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    for tensor in buffers.values():
-        torch.distributed.broadcast(tensor, src=0)
-    return buffers
-
-
-def _gather_to_zero(mine: Any, world: int) -> list[Any]:
-    """Every rank's results, on rank 0 (other ranks get an empty list)."""
-    if world == 1 or not torch.distributed.is_initialized():
-        return [mine]
-    gathered: list[Any] | None = [None] * world if torch.distributed.get_rank() == 0 else None
-    torch.distributed.gather_object(mine, gathered, dst=0)
-    return gathered or []

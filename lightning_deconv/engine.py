@@ -36,10 +36,10 @@ from torch import Tensor, nn
 
 from lightning_deconv import kernels
 from lightning_deconv.geometry import ReceptiveField, input_field, tracing
-from lightning_deconv.layers import bound_forward, check_images, eval_mode, resolve_layers, run_until, uncompiled
+from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
 from lightning_deconv.render import crop, support_boxes
 from lightning_deconv.rules import RULES, relu_rule, survey
-from lightning_deconv.selection import Maxima, check_channels, find_maxima
+from lightning_deconv.selection import Maxima, check_channels, find_maxima, resolve_features
 
 __all__ = ["CROPS", "MODES", "RULES", "Projection", "Projector", "deconvolve", "project"]
 
@@ -181,11 +181,7 @@ class Projector:
         self.model = uncompiled(model)
         self.input_size = tuple(int(s) for s in input_size)
         self.rule, self.mode, self.crop, self.batch_size = rule, mode, crop, batch_size
-        self.modules = resolve_layers(self.model, layers)
-        self.channels = {
-            name: torch.as_tensor(list(c) if not isinstance(c, Tensor) else c, dtype=torch.long).flatten()
-            for name, c in zip(self.modules, layers.values(), strict=True)
-        }
+        self.modules, self.channels = resolve_features(self.model, layers)
         self._structure = _structure(self.model)
         self.fields, self.windows = self._check_fields(windows)
 

@@ -18,7 +18,18 @@ from torch import Tensor, nn
 from lightning_deconv.kernels import FastCPUOps
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, named_layers, resolve_layers, run_until
 
-__all__ = ["Maxima", "Trace", "auto_layers", "check_channels", "choose_features", "find_maxima", "trace"]
+__all__ = [
+    "Maxima",
+    "Trace",
+    "auto_layers",
+    "check_channels",
+    "choose_features",
+    "find_maxima",
+    "image_maxima",
+    "pooling_switches",
+    "resolve_features",
+    "trace",
+]
 
 
 @dataclass(frozen=True)
@@ -82,7 +93,7 @@ def check_channels(name: str, channels: Tensor, num_channels: int) -> None:
         )
 
 
-def _image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tensor, Tensor]:
+def image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tensor, Tensor]:
     """Per channel and image, the largest value over positions (first one wins ties), on the CPU.
 
     Returns:
@@ -98,13 +109,13 @@ def _image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tens
 
 def _strongest(name: str, activation: Tensor, channels: Tensor) -> Maxima:
     """Per channel, the largest value over images and positions (first one wins ties)."""
-    value, position = _image_maxima(name, activation, channels)
+    value, position = image_maxima(name, activation, channels)
     best, source = value.max(dim=1)  # the first image wins ties, as each image's first position did
     rows = torch.arange(len(channels))
     return Maxima(channels, best.float(), source, position[rows, source], tuple(activation.shape[-2:]))
 
 
-def _switches(pool: nn.MaxPool2d, pool_input: Tensor, maxima: Maxima) -> Tensor:
+def pooling_switches(pool: nn.MaxPool2d, pool_input: Tensor, maxima: Maxima) -> Tensor:
     """``[K, 2]`` where in ``pool``'s input each maximum of its output came from, as ``pool`` itself picks it."""
     device = pool_input.device
     maps = pool_input.detach()[maxima.source.to(device), maxima.channels.to(device)].unsqueeze(1)
@@ -121,7 +132,7 @@ def _maxima_of(name: str, layer: nn.Module, output: Tensor, layer_input: Tensor,
     """The strongest activations of ``layer``'s output, with their switches if it is a max-pooling."""
     found = _strongest(name, output, channels)
     if isinstance(layer, nn.MaxPool2d) and isinstance(layer_input, Tensor) and layer_input.dim() == 4:
-        found = replace(found, switch=_switches(layer, layer_input, found))
+        found = replace(found, switch=pooling_switches(layer, layer_input, found))
     return found
 
 
@@ -137,7 +148,7 @@ def _merge(best: Maxima, new: Maxima, offset: int) -> Maxima:
     )
 
 
-def _resolve_features(
+def resolve_features(
     model: nn.Module, layers: Mapping[str | nn.Module, Sequence[int] | Tensor]
 ) -> tuple[dict[str, nn.Module], dict[str, Tensor]]:
     """``{name: module}`` and ``{name: channels}`` of ``{layer: channels}``, failing on unknown or empty."""
@@ -180,7 +191,7 @@ def find_maxima(
         ValueError: unknown layer, empty or out-of-range channels, images that do not fit the model.
     """
     check_images(model, images)
-    modules, wanted = _resolve_features(model, layers)
+    modules, wanted = resolve_features(model, layers)
     reference = next(model.parameters(), images)  # run on the model's device, in its precision
     forward = bound_forward(model, state)
     fast = FastCPUOps(reference.device)

@@ -262,7 +262,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--skip-demo", action="store_true", help="skip the demo training run (part 3)")
+    parser.add_argument("--skip-demo", action="store_true", help="skip the demo training runs (part 3)")
+    parser.add_argument("--only-demo", action="store_true", help="only the demo training runs (part 3)")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--output", default="runs/benchmark.json")
     args = parser.parse_args()
@@ -283,13 +284,14 @@ def main() -> None:
         "settings": vars(args),
     }
     print(f"# lightning-deconv benchmark on {report['machine']}", flush=True)
-    report["public_call"] = public_call(model, probe, args.features, args.repeats, device, amp=False)
-    print(json.dumps(report["public_call"], indent=1), flush=True)
-    if args.amp:
-        report["public_call_amp_limit"] = public_call(model, probe, args.features, args.repeats, device, amp=True)
-    report["memory"] = memory_across_firings(model, probe, args.features, 4, device)
-    print(json.dumps(report["memory"], indent=1), flush=True)
-    if not args.skip_scaling:
+    if not args.only_demo:
+        report["public_call"] = public_call(model, probe, args.features, args.repeats, device, amp=False)
+        print(json.dumps(report["public_call"], indent=1), flush=True)
+        if args.amp:
+            report["public_call_amp"] = public_call(model, probe, args.features, args.repeats, device, amp=True)
+        report["memory"] = memory_across_firings(model, probe, args.features, 4, device)
+        print(json.dumps(report["memory"], indent=1), flush=True)
+    if not args.skip_scaling and not args.only_demo:
         report["scaling"] = scaling(
             model,
             device,
@@ -314,12 +316,31 @@ def _seconds(t: dict[str, float]) -> str:
 
 
 def table(report: dict) -> str:
+    rows = ["| measure | value |", "| --- | --- |"]
+    if "public_call" in report:
+        rows += _call_rows(report)
+    if "scaling" in report:
+        s = report["scaling"]
+        rows.append("| firing vs probe size | " + ", ".join(f"{n}: {t:.2f}s" for n, t in s["probe"].items()) + " |")
+        rows.append(
+            "| firing vs features/layer | " + ", ".join(f"{k}: {t:.2f}s" for k, t in s["features"].items()) + " |"
+        )
+    for name, label in (("demo_measures_on", "with the measures"), ("demo_measures_off", "without the measures")):
+        if name in report:
+            d = report[name]
+            rows.append(
+                f"| **demo: monitoring share of training, {label}** (target < 5%) | **{100 * d['share']:.1f}%** "
+                f"({sum(d['firing_s']) + sum(d['top_k_s']):.1f} s of {d['fit_s']:.0f} s; top-k scan "
+                f"{sum(d['top_k_s']):.1f} s) |"
+            )
+    return "\n".join(rows)
+
+
+def _call_rows(report: dict) -> list[str]:
     c = report["public_call"]
     t = c["times_s"]
     n, layers, per = c["probe"], c["layers"], c["features_per_layer"]
-    rows = [
-        "| measure | value |",
-        "| --- | --- |",
+    return [
         f"| plain forward of {n} probe images to {layers[-1]}, model as is (NCHW) | {_seconds(t['forward_as_is'])} |",
         f"| the same forward, channels-last | {_seconds(t['forward_channels_last'])} |",
         f"| `deconvolve(model, probe, {{{len(layers)} layers: {per} channels}})` | {_seconds(t['deconvolve'])} |",
@@ -338,21 +359,6 @@ def table(report: dict) -> str:
         + ", ".join(f"{m:.0f}" for m in report["memory"]["memory_after_each_mb"])
         + " MiB |",
     ]
-    if "scaling" in report:
-        s = report["scaling"]
-        rows.append("| firing vs probe size | " + ", ".join(f"{n}: {t:.2f}s" for n, t in s["probe"].items()) + " |")
-        rows.append(
-            "| firing vs features/layer | " + ", ".join(f"{k}: {t:.2f}s" for k, t in s["features"].items()) + " |"
-        )
-    for name, label in (("demo_measures_on", "with the measures"), ("demo_measures_off", "without the measures")):
-        if name in report:
-            d = report[name]
-            rows.append(
-                f"| **demo: monitoring share of training, {label}** (target < 5%) | **{100 * d['share']:.1f}%** "
-                f"({sum(d['firing_s']) + sum(d['top_k_s']):.1f} s of {d['fit_s']:.0f} s; top-k scan "
-                f"{sum(d['top_k_s']):.1f} s) |"
-            )
-    return "\n".join(rows)
 
 
 if __name__ == "__main__":

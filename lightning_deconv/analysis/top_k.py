@@ -28,7 +28,7 @@ from lightning_deconv.engine import Projection, Projector, Rule
 from lightning_deconv.kernels import FastCPUOps
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
 from lightning_deconv.probe import untouched_rng
-from lightning_deconv.selection import Maxima, _image_maxima, _resolve_features, _switches
+from lightning_deconv.selection import Maxima, image_maxima, pooling_switches, resolve_features
 
 __all__ = ["SavedTopK", "TopK", "load_top_k", "merge_top_k", "project_top_k", "save_top_k", "top_k", "top_k_path"]
 
@@ -133,7 +133,7 @@ class _RunningTopK:
 
     def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> TopK:
         channels = self.channels[name]
-        value, position = _image_maxima(name, activation, channels)  # [F, B], [F, B, 2]
+        value, position = image_maxima(name, activation, channels)  # [F, B], [F, B, 2]
         f, b = value.shape
         pooled = isinstance(self.modules[name], nn.MaxPool2d) and isinstance(layer_input, Tensor)
         pooled = pooled and layer_input.dim() == 4
@@ -157,7 +157,7 @@ class _RunningTopK:
             winners = Maxima(
                 channels[rows[fresh]], best.value[fresh], order[fresh] - kept, best.position[fresh], new.map_size
             )
-            best.switch[fresh] = _switches(self.modules[name], layer_input, winners)
+            best.switch[fresh] = pooling_switches(self.modules[name], layer_input, winners)
         if self.keep:  # copies of the chosen images, so that the batch itself is not held
             images = self.batch.new_empty((*order.shape, *self.batch.shape[1:]))
             images[fresh] = self.batch[order[fresh] - kept]
@@ -229,7 +229,7 @@ def top_k(
         if value is not None and value < 1:
             raise ValueError(f"`{label}` must be at least 1, got {value}.")
     model = uncompiled(model)  # hooks must see every op: compiled code runs eagerly here
-    modules, channels = _resolve_features(model, layers)
+    modules, channels = resolve_features(model, layers)
     scan = _RunningTopK(modules, channels, k, _keeps_images(data) if keep_images is None else keep_images)
     reference = next(model.parameters(), None)
     forward = bound_forward(model, state)
