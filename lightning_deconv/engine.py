@@ -36,10 +36,11 @@ from torch import Tensor, nn
 
 from lightning_deconv import kernels
 from lightning_deconv.geometry import ReceptiveField, input_field, tracing
-from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
+from lightning_deconv.layers import bound_forward, check_images, eval_mode, named_layers, run_until, uncompiled
 from lightning_deconv.render import crop, support_boxes
 from lightning_deconv.rules import RULES, relu_rule, survey
 from lightning_deconv.selection import Maxima, check_channels, find_maxima, resolve_features
+from lightning_deconv.tails import find_tail, recording_links
 
 __all__ = ["CROPS", "MODES", "RULES", "Projection", "Projector", "deconvolve", "project"]
 
@@ -183,21 +184,30 @@ class Projector:
         self.rule, self.mode, self.crop, self.batch_size = rule, mode, crop, batch_size
         self.modules, self.channels = resolve_features(self.model, layers)
         self._structure = _structure(self.model)
-        self.fields, self.windows = self._check_fields(windows)
+        self.fields, self.windows, self.tails = self._check_fields(windows)
 
     # ------------------------------------------------------------------ plan-time checks
     def _starts_at_switch(self, name: str) -> bool:
         return self.mode == "max" and isinstance(self.modules[name], nn.MaxPool2d)
 
-    def _check_fields(self, windows: bool) -> tuple[dict[str, ReceptiveField | None], dict[str, ReceptiveField | None]]:
-        """Per layer: its receptive field where windows are exact (else ``None``), and the field the windows use
-        (the pooling's input field for layers that start at the switch).
+    def _check_fields(self, windows: bool) -> tuple[dict, dict, dict]:
+        """Per layer: its receptive field where windows are exact (else ``None``), the field the windows use (the
+        pooling's input field for layers that start at the switch), and its plain tail (:mod:`.tails`) where the
+        deconvnet can skip its forward pass (else ``None``).
 
         One forward pass of a seeded random image traces the fields, keeps each layer's map (its input, where
-        projections start at the switch), records the activations the model calls and checks every layer's
-        map is 4-D; then the image's windows around the first, middle and last unit of each map (cut at all
-        four borders there) must give the same activations as the whole image.
+        projections start at the switch), records the activations the model calls and who fed whom along the
+        tails, and checks every layer's map is 4-D; then the image's windows around the first, middle and last
+        unit of each map (cut at all four borders there) must give the same activations as the whole image.
         """
+        tails = {
+            name: find_tail(self.model, name, self._starts_at_switch(name))
+            if self.rule == "deconvnet" and self.mode == "max"
+            else None
+            for name in self.modules
+        }
+        consumers = {name: self.modules[name] if self._starts_at_switch(name) else None for name in self.modules}
+        linked = [m for name, t in tails.items() if t for m in (t.entry, *t.modules, consumers[name]) if m is not None]
         image = torch.randn(1, *self.input_size, generator=torch.Generator().manual_seed(0))
         image = image.to(_device(self.model), _working_dtype(self.model))
         forward = bound_forward(self.model, float32=True)
@@ -207,7 +217,7 @@ class Projector:
         activations = survey()
         try:
             with _projection_state(self.model), torch.no_grad(), fast, activations:
-                with tracing(self.model, image) as tracer:
+                with tracing(self.model, image) as tracer, recording_links(linked) as links:
 
                     def capture(name: str, output: Tensor, layer_input: Tensor) -> tuple:
                         map_ = layer_input if starts[name] else output
@@ -238,7 +248,10 @@ class Projector:
                 stacklevel=3,
             )
         fields = {name: traced[name] if exact[name] else None for name in traced}
-        return fields, {name: used[name] if exact[name] and windows else None for name in traced}
+        chained = {
+            name: t if t is not None and t.ran_as_chain(links, consumers[name]) else None for name, t in tails.items()
+        }
+        return fields, {name: used[name] if exact[name] and windows else None for name in traced}, chained
 
     def _window_matches(self, forward, fast, image: Tensor, name: str, field: ReceptiveField, whole: Tensor) -> bool:
         height, width = whole.shape[-2:]
@@ -381,9 +394,18 @@ class Projector:
                 x = crop(images.detach(), box, sources=maxima.source[rows]).to(device, _working_dtype(self.model))
                 x = fast.prepare(x).requires_grad_(True)
                 seed_at = position[rows] - box[:, :2] // torch.tensor(field.stride) if field else position[rows]
+                tail = self.tails[layer]
                 with fast, relu_rule(self.rule):
-                    (activation,) = run_until(forward, x, module, _output_or_input, at_input).values()
-                seed = _seed(activation, maxima.channels[rows], seed_at, self.mode)
+                    stop = module if tail is None else {tail.before: named_layers(self.model)[tail.before]}
+                    (activation,) = run_until(forward, x, stop, _output_or_input, at_input and tail is None).values()
+                if tail is None:
+                    seed = _seed(activation, maxima.channels[rows], seed_at, self.mode)
+                else:  # no forward past the stretch: the seed is the maximum's value, sent down by hand
+                    end = torch.zeros(tail.shapes(activation.shape)[-1], dtype=activation.dtype, device=device)
+                    end[torch.arange(len(rows)), maxima.channels[rows], seed_at[:, 0], seed_at[:, 1]] = maxima.value[
+                        rows
+                    ].to(end)
+                    seed = tail.down(end, activation.shape)
                 (grad,) = torch.autograd.grad(activation, x, grad_outputs=seed)
                 for row, (top, left, bottom, right), window in zip(rows.tolist(), box.tolist(), grad, strict=True):
                     out[row, :, top:bottom, left:right] = window.detach()

@@ -349,7 +349,7 @@ def test_windowed_zfnet_projection_matches_reference(layer):
         image, where = maxima.source[k].item(), tuple(maxima.position[k].tolist())
         want = swapped_relu_projection(model, images[image : image + 1], layer, channel, where, "deconvnet")
         assert want.abs().max() > 0
-        assert rel_err(got[k], want[0]) < 1e-5
+        assert rel_err(got[k], want[0]) < 3e-5  # float32 rounding over five layers
     if maxima.switch is not None:
         moved = replace(maxima, switch=maxima.switch - (maxima.switch > 0).long())  # one row or column back
         assert rel_err(plan.project(images, {layer: moved})[layer].images, got) > 1e-2

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 from conftest import zf_shaped
-from reference import explicit_deconvnet
+from reference import explicit_deconvnet, swapped_relu_projection
 from test_engine import _randomise_bn, rel_err
 from torch import nn
 
@@ -180,3 +180,43 @@ def test_deconvolve_argument_errors(kwargs, error, message):
     args = {"images": torch.randn(2, 3, 64, 64), "layer": "2", "channels": [0], **kwargs}
     with pytest.raises(error, match=message):
         deconvolve(zf_shaped(), **args)
+
+
+def test_plain_tails_skip_their_forward_only_where_the_model_runs_them_as_a_chain():
+    """ZFNet's conv3..relu5 need no forward pass under the deconvnet rule; a model that puts an op between two
+    modules of its Sequential (here a doubling) is projected through the full pass, and still exactly."""
+    zfnet = _zfnet().eval()
+    plan = Projector(zfnet, {f"features.{n}": [0] for n in ("pool1", "pool2", "relu3", "relu4", "pool5")}, (3, 99, 99))
+    assert plan.tails["features.pool1"] is None  # nothing runs before its stretch: the input itself
+    assert plan.tails["features.relu4"].before == "features.norm2"
+    assert plan.tails["features.pool5"].before == "features.norm2"  # started at the switch: conv3 .. relu5
+    assert plan.tails["features.pool2"].before == "features.norm1"
+    for rule in ("guided", "gradient"):  # their backward passes need the forward's masks
+        assert all(t is None for t in Projector(zfnet, {"features.relu4": [0]}, (3, 99, 99), rule=rule).tails.values())
+
+    class Doubling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 6, 5, stride=2),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(6, 8, 3),
+                nn.ReLU(),
+                nn.Conv2d(8, 8, 3),
+            ).double()
+
+        def forward(self, x):
+            x = self.features[:3](x)
+            return self.features[3:](2 * x)  # conv2 is not fed the pooling's output
+
+    torch.manual_seed(0)
+    model = Doubling()
+    images = torch.randn(3, 3, 45, 41, dtype=torch.float64)
+    plan = Projector(model, {"features.5": [1, 2]}, images.shape[1:])
+    assert plan.tails["features.5"] is None
+    got = plan(images)["features.5"]
+    for k, channel in enumerate([1, 2]):
+        image, where = got.source[k].item(), tuple(got.position[k].tolist())
+        want = swapped_relu_projection(model, images[image : image + 1], "features.5", channel, where, "deconvnet")
+        assert rel_err(got.images[k], want[0]) < 1e-6
