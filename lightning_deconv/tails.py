@@ -93,9 +93,7 @@ class Tail:
                 )
             ]
             weight = module.weight.detach().to(signal.dtype)
-            signal = F.conv_transpose2d(
-                signal, weight, None, module.stride, module.padding, tuple(extra), 1, module.dilation
-            )
+            signal = F.conv_transpose2d(signal, weight, None, module.stride, module.padding, extra, 1, module.dilation)
         return signal
 
 
