@@ -8,13 +8,13 @@ first, row by row) beside the image patches they came from.
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_deconv.analysis.top_k import load_top_k
 from lightning_deconv.paper.figure4 import find_firings
+from lightning_deconv.paper.plotting import figure_parser, pyplot, save
 from lightning_deconv.render import top_k_grid
 
 __all__ = ["figure2", "find_top_k", "main"]
@@ -61,10 +61,7 @@ def figure2(
         FileNotFoundError: no top-k files under ``run_dir``.
         ValueError: an epoch without a file, or layers that were not saved.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     files = find_top_k(run_dir)
     if epoch is not None and epoch not in files:
@@ -103,26 +100,19 @@ def figure2(
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    plt.close(fig)
-    return output
+    return save(fig, output, dpi)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``lightning-deconv figure2 RUN_DIR -o figure2.png``"""
-    parser = argparse.ArgumentParser(
-        prog="lightning-deconv figure2",
-        description="Rebuild Zeiler & Fergus's Figure 2 (top 9 activations per feature) from a run's saved files.",
+    parser = figure_parser(
+        "figure2",
+        "Rebuild Zeiler & Fergus's Figure 2 (top 9 activations per feature) from a run's saved files.",
     )
-    parser.add_argument("run_dir", help="the run's log dir (or a parent of several versions)")
-    parser.add_argument("-o", "--output", default="figure2.png", help="where to write the figure")
     parser.add_argument("--layers", nargs="+", help="layers to show (default: all saved)")
     parser.add_argument("--epoch", type=int, help="the firing to show (default: the last)")
     parser.add_argument("--features", type=int, help="at most this many features per layer (default: all)")
     parser.add_argument("--cell", type=int, default=64, help="pixels per projection and patch")
-    parser.add_argument("--dpi", type=int, default=150)
     args = parser.parse_args(argv)
     path = figure2(args.run_dir, args.output, args.layers, args.epoch, args.features, args.cell, args.dpi)
     print(f"Wrote {path}")

@@ -8,13 +8,13 @@ over the probe set projected to pixel space and cropped to its receptive field.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from lightning_deconv.analysis.settling import feature_marks
+from lightning_deconv.paper.plotting import figure_parser, pyplot, save
 from lightning_deconv.render import evolution_grid
 
 __all__ = ["figure4", "find_firings", "main"]
@@ -56,10 +56,7 @@ def figure4(run_dir: str | Path, output: str | Path, layers: Sequence[str] | Non
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     firings = [torch.load(path, map_location="cpu", weights_only=True) for path in find_firings(run_dir)]
     epochs = [f["epoch"] for f in firings]
@@ -95,23 +92,16 @@ def figure4(run_dir: str | Path, output: str | Path, layers: Sequence[str] | Non
         ax.axis("off")
     fig.suptitle(f"Feature evolution during training (columns: epochs {', '.join(map(str, epochs))})", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    plt.close(fig)
-    return output
+    return save(fig, output, dpi)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``lightning-deconv figure4 RUN_DIR -o figure4.png``"""
-    parser = argparse.ArgumentParser(
-        prog="lightning-deconv figure4",
-        description="Rebuild Zeiler & Fergus's Figure 4 (feature evolution) from a run's saved firings.",
+    parser = figure_parser(
+        "figure4",
+        "Rebuild Zeiler & Fergus's Figure 4 (feature evolution) from a run's saved firings.",
     )
-    parser.add_argument("run_dir", help="the run's log dir (or a parent of several versions)")
-    parser.add_argument("-o", "--output", default="figure4.png", help="where to write the figure")
     parser.add_argument("--layers", nargs="+", help="layers to show (default: all tracked)")
-    parser.add_argument("--dpi", type=int, default=150)
     args = parser.parse_args(argv)
     path = figure4(args.run_dir, args.output, args.layers, args.dpi)
     print(f"Wrote {path}")

@@ -10,7 +10,6 @@ Model and probe images come from the run's checkpoint (see :func:`~lightning_dec
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from lightning_deconv.analysis.invariance import TRANSFORMS, invariance, transform_images
 from lightning_deconv.paper.figure7 import check_indices, class_name, load_run, pick_images
+from lightning_deconv.paper.plotting import figure_parser, pyplot, save
 from lightning_deconv.render import normalize
 
 __all__ = ["default_amounts", "figure5", "main"]
@@ -62,10 +62,7 @@ def figure5(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     run = load_run(run_dir)
     chosen = list(images) if images is not None else pick_images(run.model, run.probe, count)
@@ -101,21 +98,16 @@ def figure5(
     axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.suptitle("Invariance: feature distances to the original and class probability", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    plt.close(fig)
-    return output
+    return save(fig, output, dpi)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``lightning-deconv figure5 RUN_DIR -o figure5.png``"""
-    parser = argparse.ArgumentParser(
-        prog="lightning-deconv figure5",
-        description="Zeiler & Fergus's Figure 5 (invariance to translation, scale, rotation) from a run.",
+    parser = figure_parser(
+        "figure5",
+        "Zeiler & Fergus's Figure 5 (invariance to translation, scale, rotation) from a run.",
+        "the run's log dir (holding checkpoints/last.ckpt) or a .ckpt file",
     )
-    parser.add_argument("run_dir", help="the run's log dir (holding checkpoints/last.ckpt) or a .ckpt file")
-    parser.add_argument("-o", "--output", default="figure5.png", help="where to write the figure")
     parser.add_argument("--images", type=int, nargs="+", help="probe indices (default: varied predicted classes)")
     parser.add_argument("--count", type=int, default=5, help="how many images without --images")
     parser.add_argument(
@@ -124,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     for transform in TRANSFORMS:
         parser.add_argument(f"--{transform}", type=float, nargs="+", help=f"amounts of {transform} (default: paper's)")
     parser.add_argument("--fill", type=float, default=0.0, help="uncovered pixels' value in normalised input space")
-    parser.add_argument("--dpi", type=int, default=150)
     args = parser.parse_args(argv)
     amounts = {t: getattr(args, t) for t in TRANSFORMS if getattr(args, t)}
     path = figure5(args.run_dir, args.output, args.images, args.count, args.layers, amounts, args.fill, args.dpi)

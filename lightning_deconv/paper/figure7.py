@@ -13,7 +13,6 @@ The model (an :class:`~lightning_deconv.paper.classifier.ImageClassifier`'s ZFNe
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from lightning_deconv.analysis.occlusion import Occlusion, occlusion
 from lightning_deconv.engine import deconvolve
 from lightning_deconv.layers import eval_mode
 from lightning_deconv.paper.models import ZFNet
+from lightning_deconv.paper.plotting import figure_parser, pyplot, save
 from lightning_deconv.render import normalize
 
 __all__ = ["Run", "class_name", "figure7", "load_run", "main", "pick_images"]
@@ -167,10 +167,7 @@ def figure7(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle
 
@@ -224,28 +221,22 @@ def figure7(
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    plt.close(fig)
-    return output
+    return save(fig, output, dpi)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``lightning-deconv figure7 RUN_DIR -o figure7.png``"""
-    parser = argparse.ArgumentParser(
-        prog="lightning-deconv figure7",
-        description="Zeiler & Fergus's Figure 7 (occlusion sensitivity) from a run's checkpoint and probe images.",
+    parser = figure_parser(
+        "figure7",
+        "Zeiler & Fergus's Figure 7 (occlusion sensitivity) from a run's checkpoint and probe images.",
+        "the run's log dir (holding checkpoints/last.ckpt) or a .ckpt file",
     )
-    parser.add_argument("run_dir", help="the run's log dir (holding checkpoints/last.ckpt) or a .ckpt file")
-    parser.add_argument("-o", "--output", default="figure7.png", help="where to write the figure")
     parser.add_argument("--images", type=int, nargs="+", help="probe indices (default: varied predicted classes)")
     parser.add_argument("--count", type=int, default=3, help="how many images without --images")
     parser.add_argument("--layer", default="features.pool5", help="the layer whose strongest feature is tracked")
     parser.add_argument("--patch", type=int, help="side of the grey square (default: image side / 4)")
     parser.add_argument("--stride", type=int, help="step of the square (default: image side / 16)")
     parser.add_argument("--fill", type=float, default=0.0, help="the square's value in normalised input space")
-    parser.add_argument("--dpi", type=int, default=150)
     args = parser.parse_args(argv)
     path = figure7(
         args.run_dir, args.output, args.images, args.count, args.layer, args.patch, args.stride, args.fill, args.dpi

@@ -7,7 +7,6 @@ activations on the probe at each firing), no model needed: a layer has settled o
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from lightning_deconv.analysis.settling import settling_curves
 from lightning_deconv.paper.figure4 import find_firings
+from lightning_deconv.paper.plotting import figure_parser, pyplot, save
 
 __all__ = ["main", "settled_at", "settling_figure", "settling_from_run"]
 
@@ -49,10 +49,7 @@ def settled_at(curve: dict[int, float], threshold: float = 0.9) -> int | None:
 
 def settling_figure(run_dir: str | Path, output: str | Path, threshold: float = 0.9, dpi: int = 150) -> Path:
     """Draw CKA to the last firing against the epoch, one line per layer, and save it to ``output``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = settling_from_run(run_dir)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -68,23 +65,16 @@ def settling_figure(run_dir: str | Path, output: str | Path, threshold: float = 
     ax.set_title("When each layer settles (activations on the probe)", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    plt.close(fig)
-    return output
+    return save(fig, output, dpi)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``lightning-deconv settling RUN_DIR -o settling.png``"""
-    parser = argparse.ArgumentParser(
-        prog="lightning-deconv settling",
-        description="Plot each layer's linear CKA to its last firing against the epoch, from a run's files.",
+    parser = figure_parser(
+        "settling",
+        "Plot each layer's linear CKA to its last firing against the epoch, from a run's files.",
     )
-    parser.add_argument("run_dir", help="the run's log dir (or a parent of several versions)")
-    parser.add_argument("-o", "--output", default="settling.png", help="where to write the figure")
     parser.add_argument("--threshold", type=float, default=0.9, help="CKA that counts as settled")
-    parser.add_argument("--dpi", type=int, default=150)
     args = parser.parse_args(argv)
     path = settling_figure(args.run_dir, args.output, args.threshold, args.dpi)
     for layer, curve in settling_from_run(args.run_dir).items():
