@@ -40,7 +40,7 @@ from lightning_deconv.layers import check_images, layer_name, named_layers
 from lightning_deconv.probe import draw_probe, untouched_rng
 from lightning_deconv.render import evolution_grid, filter_grid, occlusion_grid, projection_grid, top_k_grid
 from lightning_deconv.rules import RULES
-from lightning_deconv.selection import Maxima, auto_layers, choose_features, trace
+from lightning_deconv.selection import Maxima, Trace, auto_layers, choose_features, trace
 
 __all__ = ["PAPER_EPOCHS", "DeconvCallback"]
 
@@ -220,13 +220,17 @@ class DeconvCallback(*callback_bases()):
         self._model = model = projected_model(pl_module)
         if not self._restored:
             self.probe = same_on_every_rank(trainer, self._draw_probe(trainer))
-            self.features = self._choose_features(model, self.probe)
+        check_images(model, self.probe)
+        param = next(model.parameters())
+        seen = trace(model, self.probe[:1].to(param.device, param.dtype))  # one dry forward: fails early
+        if not self._restored:
+            self.features = self._choose_features(model, seen)
             self.history = {layer: {} for layer in self.features}
         self._restored = False
         self._fired_epochs = set()
         self.firing_seconds, self.measure_seconds = {}, {}
         self.plan = self._make_plan(model)
-        self._first_conv = _first_conv(model, self.probe) if self.measures else None
+        self._first_conv = _first_conv(model, seen) if self.measures else None
         if trainer.is_global_zero and self.measures:
             self._add_layout(trainer)
         rank_zero_info(f"DeconvCallback: {self.plan.describe()}")  # no progress bar to print above yet
@@ -240,10 +244,7 @@ class DeconvCallback(*callback_bases()):
                 source = data_source(trainer)
         return draw_probe(source, self.probe_size, self.seed, self.probe_key)
 
-    def _choose_features(self, model: nn.Module, probe: Tensor) -> dict[str, list[int]]:
-        check_images(model, probe)
-        param = next(model.parameters())
-        seen = trace(model, probe[:1].to(param.device, param.dtype))
+    def _choose_features(self, model: nn.Module, seen: Trace) -> dict[str, list[int]]:
         if self.explicit_features:
             wanted = {layer_name(model, name): chans for name, chans in self.explicit_features.items()}
         elif self.layers == "auto":
@@ -535,10 +536,8 @@ class DeconvCallback(*callback_bases()):
                     rank_zero_warn(f"DeconvCallback could not write the TensorBoard layout: {error}")
 
 
-def _first_conv(model: nn.Module, probe: Tensor) -> str | None:
-    """The name of the first convolution the model runs (the paper's layer-1 filters)."""
-    param = next(model.parameters())
-    seen = trace(model, probe[:1].to(param.device, param.dtype))
+def _first_conv(model: nn.Module, seen: Trace) -> str | None:
+    """The name of the first convolution the model ran (the paper's layer-1 filters)."""
     modules = named_layers(model)
     return next((name for name in seen.order if isinstance(modules.get(name), nn.Conv2d)), None)
 

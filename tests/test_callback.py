@@ -77,6 +77,8 @@ def test_logs_evolution_grids_and_saves_each_firing(tmp_path):
         assert torch.equal(got["source"], want.source) and torch.equal(got["position"], want.position)
         assert torch.allclose(got["projections"], want.images, rtol=1e-4, atol=1e-6)
         assert got["crops"].shape[-1] == (9 if layer == "net.3" else 21)  # 5 + 2*2, then + 2*4 + 1*4
+        now = callback.snapshot()[layer]  # the same projection on demand, without logging
+        assert torch.equal(now.source, got["source"]) and torch.allclose(now.crops, got["crops"])
 
 
 def _metrics(path: Path) -> list[dict]:
