@@ -37,3 +37,7 @@ def zf_net() -> nn.Sequential:
 @pytest.fixture
 def probe() -> torch.Tensor:
     return torch.randn(5, 3, 97, 91, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+# Scripts run in subprocesses by the DDP tests (Lightning relaunches them): never import them here.
+collect_ignore = ["ddp_fit.py", "ddp_cases.py"]
