@@ -16,8 +16,9 @@ one per call, :class:`~lightning_deconv.callback.DeconvCallback` keeps one for t
 
 Where the speed comes from: one forward finds the maxima of every layer (stopped at the deepest);
 each projection runs on the window of its image that holds its receptive field; a max-pooling layer's
-maxima start at their switches, whose field is smaller; on CPU the passes run with the equal, faster ops
-of :mod:`lightning_deconv.kernels`.
+maxima start at their switches, whose field is smaller; under the deconvnet rule, plain Conv2d/ReLU
+stretches at the top are gone down without their forward pass (:mod:`lightning_deconv.tails`); on CPU the
+passes run with the equal, faster ops of :mod:`lightning_deconv.kernels`.
 
 Reference: M. D. Zeiler, R. Fergus, *Visualizing and Understanding Convolutional Networks*, ECCV 2014.
 """
@@ -134,7 +135,9 @@ class Projector:
     projected on whole images and cropped to the projection's support, with one warning. It also records which
     activations the model calls: ReLU, LeakyReLU, PReLU and ReLU6 get the rule (see
     :mod:`lightning_deconv.rules`); smooth ones (SiLU, GELU, ...) are passed with their plain gradient, with
-    one warning naming them.
+    one warning naming them. The same pass records which modules fed which, so that the deconvnet skips the
+    forward pass of a plain Conv2d/ReLU stretch (:mod:`lightning_deconv.tails`) only where the model runs it as
+    one chain.
 
     Args:
         model: any ``nn.Module`` (compiled or not) taking images of ``input_size``.
