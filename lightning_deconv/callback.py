@@ -35,11 +35,10 @@ from lightning_deconv._trainer import (
 from lightning_deconv.analysis.occlusion import occlusion
 from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift, feature_marks
 from lightning_deconv.analysis.top_k import TopK, merge_top_k, project_top_k, save_top_k, top_k
-from lightning_deconv.engine import CROPS, MODES, Projection, Projector
+from lightning_deconv.engine import Projection, Projector, check_rule_and_mode
 from lightning_deconv.layers import check_images, layer_name, named_layers
 from lightning_deconv.probe import draw_probe, untouched_rng
 from lightning_deconv.render import evolution_grid, filter_grid, occlusion_grid, projection_grid, top_k_grid
-from lightning_deconv.rules import RULES
 from lightning_deconv.selection import Maxima, Trace, auto_layers, choose_features, trace
 
 __all__ = ["PAPER_EPOCHS", "DeconvCallback"]
@@ -174,9 +173,7 @@ class DeconvCallback(*callback_bases()):
         if top_k_batches is not None:
             _check_int(top_k_batches, "top_k_batches")
         _check_int(seed, "seed", minimum=None)
-        for value, allowed, label in ((mode, MODES, "mode"), (rule, RULES, "rule"), (crop, CROPS, "crop")):
-            if value not in allowed:
-                raise ValueError(f"Unknown {label} {value!r}; choose one of {allowed}.")
+        check_rule_and_mode(rule, mode, crop)
         self.epochs = _normalise_epochs(epochs)
         if not self.epochs and not fire_at_end:
             raise ValueError("Nothing would ever fire: give some `epochs` or set `fire_at_end=True`.")
@@ -219,6 +216,7 @@ class DeconvCallback(*callback_bases()):
         # that bad input fails here and not hours into training.
         self._model = model = projected_model(pl_module)
         if not self._restored:
+            self.top_k_done = []
             self.probe = same_on_every_rank(trainer, self._draw_probe(trainer))
         check_images(model, self.probe)
         param = next(model.parameters())
@@ -228,7 +226,7 @@ class DeconvCallback(*callback_bases()):
             self.history = {layer: {} for layer in self.features}
         self._restored = False
         self._fired_epochs = set()
-        self.firing_seconds, self.measure_seconds = {}, {}
+        self.firing_seconds, self.measure_seconds, self.top_k_seconds = {}, {}, {}
         self.plan = self._make_plan(model)
         self._first_conv = _first_conv(model, seen) if self.measures else None
         if trainer.is_global_zero and self.measures:
@@ -361,7 +359,7 @@ class DeconvCallback(*callback_bases()):
         if not self.plan.fits(model, self.probe.shape[1:]):
             self.plan = self._make_plan(model)  # the model changed structure since the last firing
         probe = self.probe.to(next(model.parameters()).device)
-        maxima = self.plan.maxima(probe, state, summaries=self.measures)
+        maxima = self.plan.maxima(probe, state, summaries=self.measures and rank == 0)  # only rank 0 measures
         share = {layer: found.take(range(rank, len(found.channels), world)) for layer, found in maxima.items()}
         share = {layer: found for layer, found in share.items() if len(found.channels)}
         projected = self.plan.project(probe, share, state) if share else {}

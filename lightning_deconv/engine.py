@@ -39,7 +39,7 @@ from lightning_deconv import kernels
 from lightning_deconv.geometry import ReceptiveField, input_field, tracing
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, named_layers, run_until, uncompiled
 from lightning_deconv.render import crop, support_boxes
-from lightning_deconv.rules import RULES, relu_rule, survey
+from lightning_deconv.rules import RULES, ActivationSurvey, relu_rule
 from lightning_deconv.selection import Maxima, check_channels, find_maxima, resolve_features
 from lightning_deconv.tails import find_tail, recording_links
 
@@ -217,7 +217,7 @@ class Projector:
         fast = kernels.FastCPUOps(image.device)
         image = fast.prepare(image)
         starts = {name: self._starts_at_switch(name) for name in self.modules}
-        activations = survey()
+        activations = ActivationSurvey()
         try:
             with _projection_state(self.model), torch.no_grad(), fast, activations:
                 with tracing(self.model, image) as tracer, recording_links(linked) as links:

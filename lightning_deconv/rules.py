@@ -19,7 +19,7 @@ rectifier to the signal, guided backprop multiplies that by the local slope :mat
   :math:`\max(R_y, 0)\,[0 < x < 6]`.
 
 Smooth activations (SiLU, GELU, ELU, Mish, ...) have no such rule; they are passed with their ordinary
-gradient, and :func:`survey` finds them so that the caller can say so. The rule is swapped in with a
+gradient, and :class:`ActivationSurvey` finds them so that the caller can say so. The rule is swapped in with a
 ``TorchFunctionMode`` for the projection pass only: it catches module and functional calls alike
 (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()``, ``relu_``, ``nn.LeakyReLU``, ``F.leaky_relu``,
 ``nn.PReLU``, ``nn.ReLU6``, ...), in place or not, and never touches the model.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RULES", "ActivationSurvey", "relu_rule", "survey"]
+__all__ = ["RULES", "ActivationSurvey", "relu_rule"]
 
 RULES: tuple[str, ...] = ("deconvnet", "guided", "gradient")
 
@@ -170,8 +170,3 @@ class ActivationSurvey(TorchFunctionMode):
         elif func is F.hardtanh:
             self.smooth.add("Hardtanh")
         return func(*args, **kwargs)
-
-
-def survey() -> ActivationSurvey:
-    """A context that records the activations a forward pass calls (see :class:`ActivationSurvey`)."""
-    return ActivationSurvey()

@@ -336,3 +336,5 @@ def test_top_k_over_the_validation_set_at_the_end(tmp_path):
         assert (log_dir / "deconv" / f"{layer}_top4.png").exists()
         assert tb_tags(log_dir)[f"deconv/{layer}/top4"] == [2]
     assert callback.state_dict()["top_k_done"] == [2]
+    again, _ = fit(tmp_path / "again", [callback], max_epochs=2)  # the same callback in a new fit scans again
+    assert (Path(again.log_dir) / "deconv" / "top4_epoch_002.pt").exists() and callback.top_k_done == [2]
