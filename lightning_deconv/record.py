@@ -126,6 +126,8 @@ def load_record(path: str | Path, format: str | None = None) -> dict[str, Any]:
     """
     path = Path(path)
     fix = "Delete or move it, or point at another run"
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes zip archives; a cut one is not
+        raise RecordError(path, "is truncated or corrupt (not a whole torch.save archive)", fix)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
