@@ -53,7 +53,7 @@ class DeconvPlugin(base_plugin.TBPlugin):
     def __init__(self, context: base_plugin.TBContext) -> None:
         super().__init__(context)
         # With --logdir_spec TensorBoard gives no single logdir: the tab then stays inactive.
-        self._views = Views(RunStore(context.logdir)) if context.logdir else None
+        self._views = Views(RunStore(context.logdir, threads=1)) if context.logdir else None
 
     def is_active(self) -> bool:
         """Whether the logdir holds at least one monitor folder with firing files."""

@@ -211,6 +211,10 @@ class RunStore:
     Args:
         logdir: TensorBoard's logdir.
         rescan_seconds: how long a listing of the logdir is reused before files are listed again.
+        threads: if given, the process's torch intra-op threads are set to this before the first file is read.
+            The plugin gives 1: TensorBoard's process only does small tensor work, where a pool of threads
+            competing for a busy machine's cores made reading a firing ten times slower (measured: 1.9 s
+            instead of 0.18 s for 5 layers x 64 features on 2 loaded cores).
 
     Example::
 
@@ -219,9 +223,10 @@ class RunStore:
         {}
     """
 
-    def __init__(self, logdir: str | Path, rescan_seconds: float = 2.0) -> None:
+    def __init__(self, logdir: str | Path, rescan_seconds: float = 2.0, threads: int | None = None) -> None:
         self.logdir = Path(logdir)
         self.rescan_seconds = rescan_seconds
+        self.threads = threads
         self._lock = threading.Lock()
         self._scanned: tuple[float, dict[str, Monitor]] | None = None
         self._cache: dict[Path, tuple[tuple[int, int], Any]] = {}
@@ -286,6 +291,8 @@ class RunStore:
         return None if cached is None else cached[0]
 
     def _load(self, path: Path, read: Callable[[Path], T]) -> T | None:
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         with self._lock:
             lock = self._loading.setdefault(path, threading.Lock())
         with lock:  # one reader per file: concurrent requests wait for it rather than load it again
