@@ -3,7 +3,9 @@
 Starts ``tensorboard`` on a free loopback port (with ``--samples_per_plugin images=100``, as the callback
 recommends), waits until it serves the run's images, opens ``http://127.0.0.1:<port>/#images`` in headless
 Chromium with the tag filter set (by default to ``evolution``), saves a PNG, and stops TensorBoard.
-``--dashboard timeseries`` shoots the Time Series tab instead.
+``--dashboard timeseries`` shoots the Time Series tab instead, ``--dashboard deconv`` the Deconv tab
+(TensorBoard started as ``python -m lightning_deconv.tensorboard``, so that the tab is there even where the
+package's entry point is not installed).
 
 Needs Chromium (Debian: ``apt-get install chromium``). Nothing listens beyond 127.0.0.1.
 
@@ -59,8 +61,17 @@ def image_tags(url: str) -> dict[str, dict]:
         return {}
 
 
+def deconv_runs(url: str) -> list:
+    """The Deconv tab's runs; empty while the server is not answering yet."""
+    try:
+        with urllib.request.urlopen(f"{url}/data/plugin/deconv/runs", timeout=30) as response:
+            return json.loads(response.read())["runs"]
+    except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+        return []
+
+
 @contextmanager
-def tensorboard(logdir: Path, timeout: float) -> Iterator[str]:
+def tensorboard(logdir: Path, timeout: float, deconv: bool = False) -> Iterator[str]:
     """Run TensorBoard on ``logdir`` until the block ends; yields its base URL once it serves images.
 
     Raises:
@@ -68,14 +79,15 @@ def tensorboard(logdir: Path, timeout: float) -> Iterator[str]:
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port)]
+    main = "lightning_deconv.tensorboard" if deconv else "tensorboard.main"
+    command = [sys.executable, "-m", main, "--logdir", str(logdir), "--port", str(port)]
     command += ["--host", "127.0.0.1", "--samples_per_plugin", "images=100"]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout
             # TensorBoard answers HTTP before its data server has read the event files: wait for images.
-            while not any(image_tags(url).values()):
+            while not (deconv_runs(url) if deconv else any(image_tags(url).values())):
                 if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     why = f"exited with {process.returncode}" if process.poll() is not None else "listed no images"
@@ -123,6 +135,8 @@ def screenshot(browser: str, url: str, output: Path, width: int, height: int, wa
 def dashboard_url(base: str, dashboard: str, tag_filter: str) -> str:
     """The page to shoot. The legacy Images tab keeps its filter in the fragment (``#images&tagFilter=``),
     the Time Series tab in the query string (``/?tagFilter=...#timeseries``)."""
+    if dashboard == "deconv":
+        return f"{base}/#deconv"
     if dashboard == "timeseries":
         query = f"?{urllib.parse.urlencode({'tagFilter': tag_filter})}" if tag_filter else ""
         return f"{base}/{query}#timeseries"
@@ -143,10 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--dashboard",
-        choices=("images", "timeseries"),
+        choices=("images", "timeseries", "deconv"),
         default="images",
         help="'images': the Images tab, large cards (wide grids may be cut at the card's edge); 'timeseries': "
-        "smaller cards that fit each grid whole (default: %(default)s)",
+        "smaller cards that fit each grid whole; 'deconv': the Deconv tab (default: %(default)s)",
     )
     parser.add_argument("--width", type=int, default=1400, help="window width in pixels (default: %(default)s)")
     parser.add_argument("--height", type=int, default=1000, help="window height in pixels (default: %(default)s)")
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.logdir} is not a directory")
     browser = find_browser(args.browser)  # before starting TensorBoard: fail fast
     try:
-        with tensorboard(args.logdir, args.timeout) as base:
+        with tensorboard(args.logdir, args.timeout, deconv=args.dashboard == "deconv") as base:
             url = dashboard_url(base, args.dashboard, args.tag_filter)
             screenshot(browser, url, args.output, args.width, args.height, int(args.wait * 1000))
     except (RuntimeError, subprocess.TimeoutExpired) as error:
