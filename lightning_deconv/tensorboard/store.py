@@ -231,7 +231,7 @@ class RunStore:
         self._scanned: tuple[float, dict[str, Monitor]] | None = None
         self._cache: dict[Path, tuple[tuple[int, int], Any]] = {}
         self._loading: dict[Path, threading.Lock] = {}
-        self.skipped: dict[Path, str] = {}  # unreadable files (at their current version) and why
+        self.skipped: dict[Path, str] = {}  # unreadable files (at their current version) and why; under _lock
 
     def monitors(self) -> dict[str, Monitor]:
         """``{run id: Monitor}`` for every monitor folder under the logdir (listed again after
@@ -260,7 +260,11 @@ class RunStore:
                 continue
             run = folder.relative_to(root).as_posix()
             monitor = Monitor(run, folder)
-            for path in folder.iterdir():
+            try:
+                paths = list(folder.iterdir())
+            except OSError:  # removed meanwhile
+                continue
+            for path in paths:
                 if not (match := _FIRING.fullmatch(path.name) or _TOP_K.fullmatch(path.name)):
                     continue  # temporaries (.epoch_001.pt.x.tmp), PNGs, anything else
                 if not (_inside(path, root) and path.is_file()):
@@ -284,6 +288,11 @@ class RunStore:
         """The top-k file at ``path`` (from :meth:`monitors`), or ``None`` if it cannot be read now."""
         return self._load(path, read_top_k)
 
+    def skipped_files(self) -> list[Path]:
+        """The files that could not be read at their current version."""
+        with self._lock:
+            return list(self.skipped)
+
     def version(self, path: Path) -> tuple[int, int] | None:
         """The (modification time in ns, size) of ``path`` when it was last loaded, or ``None``."""
         with self._lock:
@@ -306,13 +315,16 @@ class RunStore:
                 return cached[1]
             try:
                 loaded = read(path)
-                self.skipped.pop(path, None)
+                with self._lock:
+                    self.skipped.pop(path, None)
             except Exception as error:  # anything a foreign, hostile or half-written file raises: skip it
                 loaded = None
                 why = str(error) if isinstance(error, RecordError) else f"{path}: {type(error).__name__}: {error}"
-                self.skipped[path] = why
+                with self._lock:
+                    self.skipped[path] = why
                 logger.warning("lightning-deconv: skipped %s", why)
-            self._cache[path] = (version, loaded)
+            with self._lock:
+                self._cache[path] = (version, loaded)
             return loaded
 
 

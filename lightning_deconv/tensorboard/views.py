@@ -143,7 +143,7 @@ class Views:
                     "epochs": sorted(firings),
                     "top_k_epochs": top_k,
                     "layers": layers,
-                    "skipped": sorted(p.name for p in self.store.skipped if p in listed),
+                    "skipped": sorted(p.name for p in self.store.skipped_files() if p in listed),
                 }
             )
         return {"runs": runs}
