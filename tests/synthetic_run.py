@@ -29,7 +29,8 @@ def synthetic_firing(
     seed: int = 0,
 ) -> dict:
     """One version-2 firing dict: layer ``l`` (``"conv<l>"``) has crops of ``7 + 6 l + epoch`` pixels (so sizes
-    differ between epochs), feature 0 of the last layer is dead, and the probe images of the sources are kept."""
+    differ between epochs), feature 0 of the last layer is dead, feature 1 of the first is NaN after epoch 2,
+    and the probe images of the sources are kept."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     pixels = torch.randint(0, 256, (probe, 3, image, image), generator=g, dtype=torch.uint8)
     saved, measures, used = {}, {}, set()
@@ -41,6 +42,8 @@ def synthetic_firing(
         value = torch.rand(features, generator=g) + 0.1
         if number == layers - 1:
             value[0] = 0.0  # dead
+        if number == 0 and epoch == 2 and features > 1:
+            value[1] = float("nan")  # diverged
         cut = [(int(s), slice(t, b), slice(x, y)) for s, (t, x, b, y) in zip(source, boxes.tolist(), strict=True)]
         patches = torch.stack([pixels[s, :, rows, cols].float() / 255 for s, rows, cols in cut])
         saved[f"conv{number}"] = {

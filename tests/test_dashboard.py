@@ -105,6 +105,8 @@ def test_views_match_the_files(synthetic):
         assert column["mark"] == ["dead" if v <= 0 else None for v in saved["value"].tolist()]
         strip = _png(views.strip(RUN, "conv1", str(firing["epoch"]), "crops"))
         assert np.array_equal(strip, np.concatenate(_symmetric(saved["crops"])))
+    nan = views.matrix(RUN, "conv0")["columns"][1]  # epoch 2
+    assert nan["mark"][1] == "NaN" and nan["value"][1] is None and nan["mark"][0] is None
     last = firings[-1]["layers"]["conv1"]["gram"]
     expected = {f["epoch"]: cka_from_grams(f["layers"]["conv1"]["gram"], last) for f in firings}
     assert dict(matrix["charts"]["cka_last"]) == pytest.approx(expected)
@@ -144,11 +146,23 @@ def test_each_file_is_read_once_per_version(synthetic, monkeypatch):
     path = logdir / RUN / "epoch_002.pt"
     torch.save(synthetic_firing(2, seed=5), path)
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    changed = views.matrix(RUN, "conv0")
+    changed = views.matrix(RUN, "conv1")
     assert [p.name for p in loads[4:]] == ["epoch_002.pt"]
     assert changed["columns"][1]["value"] == pytest.approx(
-        synthetic_firing(2, seed=5)["layers"]["conv0"]["value"].tolist()
+        synthetic_firing(2, seed=5)["layers"]["conv1"]["value"].tolist()
     )
+
+
+def test_new_firings_appear(tmp_path):
+    """Live: a firing written after the first listing is listed once the logdir is listed again."""
+    folder = tmp_path / RUN
+    write_synthetic_run(folder, epochs=2, top_k=None)
+    views = Views(RunStore(tmp_path, rescan_seconds=0))
+    assert views.runs()["runs"][0]["epochs"] == [1, 2]
+    write_synthetic_run(folder, epochs=3, top_k=9)
+    (run,) = views.runs()["runs"]
+    assert run["epochs"] == [1, 2, 3] and run["top_k_epochs"] == [3]
+    assert [c["epoch"] for c in views.matrix(RUN, "conv0")["columns"]] == [1, 2, 3]
 
 
 def test_unreadable_files_are_skipped_and_nothing_is_run(synthetic, tmp_path, caplog):
