@@ -302,7 +302,7 @@ def board(tmp_path_factory) -> Iterator[Board]:
     finally:
         process.terminate()
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=3)  # TensorBoard may ignore SIGTERM while serving; it holds nothing to save
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
