@@ -25,6 +25,7 @@ __all__ = [
     "filter_grid",
     "normalize",
     "occlusion_grid",
+    "pad_to",
     "projection_grid",
     "support_boxes",
     "top_k_grid",
@@ -198,6 +199,30 @@ def _marked_cell(word: str, height: int, width: int) -> Tensor:
     return torch.from_numpy(np.asarray(cell).copy()).permute(2, 0, 1).float() / 255
 
 
+PAD_COLOUR = (0.80, 0.86, 0.94)  # pale blue: where a smaller crop was padded, distinct from any normalised value
+
+
+def pad_to(cells: Tensor, height: int, width: int) -> Tensor:
+    """``[K, C, h, w]`` cells centred in ``height x width`` cells, the margin filled with :data:`PAD_COLOUR`
+    (grey for one-channel cells), so that crops of different sizes share one grid without being resized.
+
+    Example::
+
+        >>> pad_to(torch.zeros(1, 3, 1, 1), 3, 3)[0, :, 1, 1].tolist(), pad_to(torch.zeros(1, 3, 1, 1), 3, 3).shape
+        ([0.0, 0.0, 0.0], torch.Size([1, 3, 3, 3]))
+    """
+    h, w = cells.shape[-2:]
+    if (h, w) == (height, width):
+        return cells
+    if h > height or w > width:
+        raise ValueError(f"Cannot pad {h}x{w} cells into {height}x{width}.")
+    colour = torch.tensor(PAD_COLOUR if cells.shape[1] == 3 else (sum(PAD_COLOUR) / 3,) * cells.shape[1])
+    out = colour.to(cells).view(1, -1, 1, 1).expand(len(cells), -1, height, width).clone()
+    top, left = (height - h) // 2, (width - w) // 2
+    out[..., top : top + h, left : left + w] = cells
+    return out
+
+
 def evolution_grid(
     columns: Sequence[Tensor],
     column_labels: Sequence[str],
@@ -215,15 +240,22 @@ def evolution_grid(
     epoch ``column_labels[e]``), each normalised on its own as in the paper's Figure 4. Small cells are
     enlarged (nearest neighbour) to at least ``min_cell`` pixels so that the labels stay readable. With
     ``patches`` (one ``[K, C, h, w]`` per column), each cell shows its probe-image patch to the right.
+    Columns may hold crops of different sizes (support crops change between firings): every cell is laid out
+    at the largest size, smaller crops centred and padded with :data:`PAD_COLOUR`, their pixels untouched.
     ``cell_size`` resizes every (square) cell to exactly that many pixels, so grids of layers with different
     receptive fields line up side by side. ``marks[e][k]``, where not ``None``, replaces cell ``(k, e)`` by a
     tinted cell showing that word (e.g. ``"dead"`` for a feature with no positive activation on the probe).
     """
     if len(columns) != len(column_labels) or not columns:
         raise ValueError("Give one label per column and at least one column.")
-    shown = [normalize(c.float(), method) for c in columns]
+    height = max(c.shape[-2] for c in columns)
+    width = max(c.shape[-1] for c in columns)
+    shown = [pad_to(normalize(c.float(), method), height, width) for c in columns]
     if patches is not None:
-        shown = [torch.cat([s, normalize(p.float(), "minmax")], dim=3) for s, p in zip(shown, patches, strict=True)]
+        shown = [
+            torch.cat([s, pad_to(normalize(p.float(), "minmax"), height, width)], dim=3)
+            for s, p in zip(shown, patches, strict=True)
+        ]
     cells = torch.stack(shown, dim=1)  # [K, E, C, h, w]
     e = cells.shape[1]
     cells = cells.flatten(0, 1)

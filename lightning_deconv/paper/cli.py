@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -83,9 +85,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["demo"]:
         demo(args[1:])
     elif args[:1] and args[0] in FIGURES:
-        importlib.import_module(FIGURES[args[0]]).main(args[1:])
+        _figure(args[0], args[1:])
     else:
         DeconvCLI(args)
+
+
+def _figure(name: str, args: list[str]) -> None:
+    """Run a figure command: a bad file or argument is one line on stderr and exit status 1, no traceback
+    (``--debug`` shows it); a skipped file is one line too."""
+    debug = "--debug" in args
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            importlib.import_module(FIGURES[name]).main(args)
+        except (ValueError, OSError) as error:  # RecordError is a ValueError
+            if debug:
+                raise
+            raise SystemExit(f"lightning-deconv: {error}") from None
+
+
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    print(str(message), file=sys.stderr)
 
 
 if __name__ == "__main__":
