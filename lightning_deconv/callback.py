@@ -254,6 +254,11 @@ class DeconvCallback(*callback_bases()):
             "seed": self.seed,
         }
 
+    def _options(self) -> dict[str, Any]:
+        """The settings that change only when and what is logged: a resume with other options keeps the history."""
+        names = ("epochs", "fire_at_end", "show_patches", "batch_size", "measures", "occlusion", "occlusion_epochs")
+        return {name: getattr(self, name) for name in (*names, "top_k", "top_k_epochs", "top_k_batches")}
+
     @property
     def monitor_name(self) -> str:
         """The name of this instance's folder, ``<log_dir>/deconv/<monitor_name>``."""
@@ -636,6 +641,7 @@ class DeconvCallback(*callback_bases()):
         return {
             "version": 2,
             "settings": self.settings,
+            "options": self._options(),
             "probe": self.probe,
             "features": self.features,
             "history": self.history,
@@ -646,9 +652,16 @@ class DeconvCallback(*callback_bases()):
 
     @override
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """Say, once, when the checkpoint's DeconvCallback had other settings: its history is not mixed in."""
+        """Say, once, when the checkpoint's DeconvCallback had other settings, and whether its history is kept
+        (the options of when and what to log changed) or not (what is computed changed: never mixed in a grid)."""
         states = checkpoint.get("callbacks", {})
         if self.state_key in states:
+            changed = _differences(states[self.state_key].get("options", {}), self._options())
+            if changed:
+                rank_zero_warn(
+                    f"DeconvCallback: the checkpoint's DeconvCallback had other settings ({changed}); they do not "
+                    "change what is computed, so its history is kept."
+                )
             return
         others = [state for key, state in states.items() if key.startswith(type(self).__qualname__ + "{")]
         if len(others) != 1:
@@ -657,8 +670,7 @@ class DeconvCallback(*callback_bases()):
         if before is None:
             changed = "it was written by lightning-deconv before 0.2, which kept no settings"
         else:
-            diffs = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in self.settings.items() if before.get(k) != v]
-            changed = "; ".join(diffs) if diffs else f"its name differs (now {self.monitor_name!r})"
+            changed = _differences(before, self.settings) or f"its name differs (now {self.monitor_name!r})"
         rank_zero_warn(
             f"DeconvCallback: the checkpoint's DeconvCallback had other settings ({changed}). Its history is not "
             f"used: this run's grids start afresh in deconv/{self.monitor_name} (the earlier files stay where they "
@@ -722,6 +734,11 @@ def _as_dict(result: Projection) -> dict[str, Tensor]:
         "value": result.value,
         "boxes": result.boxes,
     }
+
+
+def _differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """``"name old -> new; ..."`` for the settings that differ."""
+    return "; ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k in before and before[k] != v)
 
 
 def _display_pixels(images: Tensor) -> Tensor:
