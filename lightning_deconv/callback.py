@@ -465,8 +465,9 @@ class DeconvCallback(*callback_bases()):
         return self._merge([self._project_share(0, 1, None)])
 
     def _record(self, trainer: Any, epoch: int, layers: dict[str, Projection], maxima: dict, start: float) -> None:
-        """Record a firing whole or not at all: everything is computed and written first (PNGs, then the firing
-        file, the commit point), and only then does the column join the history and the scalars go out."""
+        """Record a firing whole or not at all: everything is computed and written first (the firing file, then
+        the PNGs; a failure removes the file again), and only then does the column join the history and the
+        scalars go out."""
         measured = time.perf_counter()
         columns, scalars = {}, {}
         for layer, result in layers.items():
@@ -474,10 +475,13 @@ class DeconvCallback(*callback_bases()):
             scalars.update({f"deconv/{layer}/{name}": value for name, value in measures.items()})
         measured = time.perf_counter() - measured
         grids = {layer: self._grid(layer, {**self.history[layer], epoch: columns[layer]}) for layer in layers}
-        for layer, grid in grids.items():
-            save_png(grid, self.folder / f"{layer}_evolution.png")
-        path = firing_path(self.folder, epoch)
-        atomic_save(self._firing_file(epoch, layers, maxima, scalars), path)
+        path = atomic_save(self._firing_file(epoch, layers, maxima, scalars), firing_path(self.folder, epoch))
+        try:
+            for layer, grid in grids.items():
+                save_png(grid, self.folder / f"{layer}_evolution.png")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         for layer, column in columns.items():  # committed: nothing below can lose the firing
             self.history[layer][epoch] = column
             if maxima[layer].gram is not None:

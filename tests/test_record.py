@@ -274,3 +274,39 @@ def test_fast_dev_run_prints_no_tensorboard_command_without_a_log_dir(tmp_path, 
     trainer.fit(Classifier(), DataLoader(TensorDataset(*images()), batch_size=8))
     assert sorted(callback.history["net.6"]) == [1]
     assert "--logdir None" not in capsys.readouterr().out
+
+
+def test_a_firing_whose_file_cannot_be_written_leaves_no_trace(tmp_path, monkeypatch):
+    """Whole or not at all: the disk fills up while epoch 2's grid is written, after its firing file; no column,
+    no file, no scalars for epoch 2, a warning, and the next firing is whole."""
+    import lightning_deconv.record as record
+
+    write = record.atomic_write
+    written = []
+
+    def failing(path, writer):
+        written.append(Path(path).name)
+        if written[-2:] == ["epoch_002.pt", "net.3_evolution.png"]:
+            raise OSError(28, "No space left on device")
+        return write(path, writer)
+
+    monkeypatch.setattr(record, "atomic_write", failing)
+    callback = DeconvCallback(probe=images(8)[0], features_per_layer=2, epochs=(1, 2, 3))
+    with pytest.warns(UserWarning, match="firing after epoch 2 failed and was skipped.*No space left"):
+        trainer = L.Trainer(
+            max_epochs=3,
+            callbacks=[callback],
+            logger=TensorBoardLogger(tmp_path, name="run"),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(Classifier(), DataLoader(TensorDataset(*images()), batch_size=8))
+    assert all(sorted(h) == [1, 3] for h in callback.history.values())
+    assert sorted(p.name for p in callback.folder.glob("*.pt")) == ["epoch_001.pt", "epoch_003.pt"]
+    assert not list(callback.folder.glob(".*.tmp"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trainer.log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("deconv/seconds")] == [1, 3]
