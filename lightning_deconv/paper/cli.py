@@ -23,7 +23,8 @@ from lightning_deconv.paper.classifier import ImageClassifier
 
 __all__ = ["DeconvCLI", "main"]
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the package (a clone links configs/ here)
+PAPER_EXTRA = ("matplotlib", "jsonargparse", "skimage", "sklearn", "torchmetrics")
 
 
 class DeconvCLI(LightningCLI):
@@ -53,8 +54,6 @@ def demo(argv: Sequence[str] = ()) -> None:
     from lightning_deconv.paper.settling import settling_figure
 
     config = CONFIGS / "demo.yaml"
-    if not config.exists():
-        raise SystemExit(f"{config} not found: run the demo from a clone of the lightning-deconv repository.")
     start = time.perf_counter()
     cli = DeconvCLI(["fit", "--config", str(config), *argv])
     log_dir = cli.trainer.log_dir
@@ -82,12 +81,21 @@ FIGURES = {
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-deconv`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["demo"]:
-        demo(args[1:])
-    elif args[:1] and args[0] in FIGURES:
-        _figure(args[0], args[1:])
-    else:
-        DeconvCLI(args)
+    try:
+        if args[:1] == ["demo"]:
+            demo(args[1:])
+        elif args[:1] and args[0] in FIGURES:
+            _figure(args[0], args[1:])
+        else:
+            DeconvCLI(args)
+    except ModuleNotFoundError as error:
+        missing = next((name for name in PAPER_EXTRA if name in (error.name or str(error))), None)
+        if missing is None:
+            raise
+        raise SystemExit(
+            f"lightning-deconv: the paper's experiment needs {missing}, which the library alone does not install. "
+            "Install it with: pip install 'lightning-deconv[paper]'"
+        ) from None
 
 
 def _figure(name: str, args: list[str]) -> None:
