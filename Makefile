@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint benchmark clean
+.PHONY: setup demo test lint benchmark check-wheel clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ test: lint
 
 benchmark: setup
 	$(PY) scripts/benchmark.py
+
+# The wheel, in a clean venv: lean install, the callback fires with either Lightning flavour alone, and the
+# `paper` extra runs the demo from outside the clone.
+check-wheel: setup
+	PYTHON=$(PY) bash scripts/check_wheel.sh
 
 clean:
 	rm -rf runs figure*.png settling.png

@@ -11,7 +11,6 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -183,14 +182,14 @@ def fire_safely(
     model: nn.Module,
     what: str,
     share: Callable[[int, int, dict[str, Tensor] | None], Any],
-    finish: Callable[[list[Any], Path], None],
+    finish: Callable[[list[Any]], None],
     strict: bool = False,
 ) -> None:
     r"""Run one firing on every rank without ever stopping training or hanging a collective.
 
     Every rank computes its ``share(rank, world, rank_zero_state)``; a rank that fails sends its failure to
     rank 0 in place of results, so every rank reaches the gather. Rank 0 alone then ``finish``\ es with all
-    the shares and the run's log dir. Any failure, on any rank, is one warning with its cause and traceback,
+    the shares. Any failure, on any rank, is one warning with its cause and traceback,
     and training goes on (``strict``: raised instead).
     """
     rank, world = trainer.global_rank, trainer.world_size
@@ -202,14 +201,13 @@ def fire_safely(
             raise
         mine = Failure(f"rank {rank}: {type(error).__name__}: {error}", traceback.format_exc())
     parts = gather_to_zero(mine, world)
-    log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
     if not trainer.is_global_zero:
         return
     try:
         failures = [part for part in parts if isinstance(part, Failure)]
         if failures:
             raise FiringFailed(failures)
-        finish(parts, log_dir)
+        finish(parts)
     except Exception as error:
         if strict:
             raise

@@ -9,7 +9,10 @@ to watch, schedules, splits and gathers the work under DDP, and logs.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +21,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.utils import save_image
 
 from lightning_deconv._compat import callback_bases, override, rank_zero_info, rank_zero_warn
 from lightning_deconv._trainer import (
@@ -38,12 +40,22 @@ from lightning_deconv.analysis.top_k import TopK, merge_top_k, project_top_k, sa
 from lightning_deconv.engine import Projection, Projector, check_rule_and_mode
 from lightning_deconv.layers import check_images, layer_name, named_layers
 from lightning_deconv.probe import draw_probe, untouched_rng
-from lightning_deconv.render import evolution_grid, filter_grid, occlusion_grid, projection_grid, top_k_grid
+from lightning_deconv.record import (
+    FIRING_FORMAT,
+    SET_ASIDE,
+    atomic_copy,
+    atomic_save,
+    firing_path,
+    remove_temporaries,
+    save_png,
+)
+from lightning_deconv.render import evolution_grid, filter_grid, normalize, occlusion_grid, projection_grid, top_k_grid
 from lightning_deconv.selection import Maxima, Trace, auto_layers, choose_features, trace
 
 __all__ = ["PAPER_EPOCHS", "DeconvCallback"]
 
 PAPER_EPOCHS: tuple[int, ...] = (1, 2, 5, 10, 20, 30, 40, 64)
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def _normalise_epochs(epochs: Sequence[int]) -> tuple[int, ...]:
@@ -110,6 +122,9 @@ class DeconvCallback(*callback_bases()):
         top_k_epochs: when to scan (default: once, at the end of training).
         top_k_batches: scan only this many batches of the validation set (default: all of it).
         strict: raise on a failing firing instead of warning and going on (for debugging).
+        name: the folder this instance writes to, ``<log_dir>/deconv/<name>/`` (letters, digits, ``.``, ``_``,
+            ``-``). Default: a digest of the settings that change what is computed, so that instances never
+            write over each other and a resume with other settings never mixes columns in one grid.
 
     Raises:
         TypeError, ValueError: at construction for invalid arguments; at fit start (before any training step)
@@ -122,7 +137,10 @@ class DeconvCallback(*callback_bases()):
     ``deconv/<conv>/filters`` picture and ``/filter_rms`` histogram, and a custom-scalars layout (one chart per
     measure, a line per layer); and ``deconv/seconds``. TensorBoard keeps only 10 images per tag unless started
     with ``--samples_per_plugin images=100``. Each firing's projections, crops, sources, positions, values and
-    Gram matrices are saved to ``<log_dir>/deconv/epoch_XXX.pt`` and each layer's grid to a PNG beside it.
+    Gram matrices are saved, atomically, to ``<log_dir>/deconv/<name>/epoch_XXX.pt`` and each layer's grid to a
+    PNG beside it. A firing is recorded whole (file, grid, scalars, the column in memory and in checkpoints)
+    or not at all; memory and checkpoints keep only what the next firing needs (the grid's crops, each
+    layer's last Gram matrix).
 
     Example::
 
@@ -154,6 +172,7 @@ class DeconvCallback(*callback_bases()):
         top_k_epochs: Sequence[int] | None = None,
         top_k_batches: int | None = None,
         strict: bool = False,
+        name: str | None = None,
     ) -> None:
         if probe is not None and not isinstance(probe, (Tensor, Dataset, DataLoader)):
             raise TypeError(f"`probe` must be a Tensor, a Dataset, a DataLoader or None, got {type(probe).__name__}.")
@@ -174,6 +193,11 @@ class DeconvCallback(*callback_bases()):
             _check_int(top_k_batches, "top_k_batches")
         _check_int(seed, "seed", minimum=None)
         check_rule_and_mode(rule, mode, crop)
+        if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+            raise ValueError(
+                "`name` must be a folder name of letters, digits, '.', '_' or '-' (not starting with '.'); "
+                f"got {name!r}."
+            )
         self.epochs = _normalise_epochs(epochs)
         if not self.epochs and not fire_at_end:
             raise ValueError("Nothing would ever fire: give some `epochs` or set `fire_at_end=True`.")
@@ -201,13 +225,49 @@ class DeconvCallback(*callback_bases()):
         self._first_conv: str | None = None
         self._fired_epochs: set[int] = set()
         self.top_k_done: list[int] = []  # epochs whose top k were saved (resumable)
+        self.name = name
+        self.settings = self._settings()
+        self.folder: Path | None = None  # <log_dir>/deconv/<name>, set at fit start
+        self._grams: dict[str, Tensor] = {}  # each layer's Gram matrix at its last firing (for CKA)
+        self._files: dict[int, str] = {}  # where each recorded firing's file is
         self._restored = False
+        self._done_at_start = 0  # epochs completed when this fit started (a resumed run's checkpoint)
+
+    def _settings(self) -> dict[str, Any]:
+        """Everything that changes what a firing computes: a resume with other settings starts afresh."""
+        probe = self.probe_source
+        if isinstance(probe, Tensor):
+            sample = probe.detach().flatten()[:: max(1, probe.numel() // 4096)].double().cpu()
+            probe_id = f"tensor{list(probe.shape)}:{hashlib.sha1(sample.numpy().tobytes()).hexdigest()[:12]}"
+        else:
+            probe_id = f"{type(probe).__name__}[{self.probe_size}]"
+        layers = self.layers if isinstance(self.layers, str) else list(self.layers)
+        return {
+            "probe": probe_id,
+            "probe_key": self.probe_key,
+            "layers": layers if not self.explicit_features else None,
+            "features_per_layer": self.features_per_layer if not self.explicit_features else None,
+            "features": self.explicit_features or None,
+            "mode": self.mode,
+            "rule": self.rule,
+            "crop": self.crop,
+            "seed": self.seed,
+        }
+
+    def _options(self) -> dict[str, Any]:
+        """The settings that change only when and what is logged: a resume with other options keeps the history."""
+        names = ("epochs", "fire_at_end", "show_patches", "batch_size", "measures", "occlusion", "occlusion_epochs")
+        return {name: getattr(self, name) for name in (*names, "top_k", "top_k_epochs", "top_k_batches")}
+
+    @property
+    def monitor_name(self) -> str:
+        """The name of this instance's folder, ``<log_dir>/deconv/<monitor_name>``."""
+        digest = hashlib.sha1(repr(sorted(self.settings.items())).encode()).hexdigest()[:8]
+        return self.name or f"evolution-{digest}"
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            layers=self.layers, features=self.explicit_features, epochs=self.epochs, seed=self.seed
-        )
+        return self._generate_state_key(name=self.monitor_name, settings=self.settings)
 
     # ------------------------------------------------------------------ set-up: when the model is final
     @override
@@ -216,7 +276,7 @@ class DeconvCallback(*callback_bases()):
         # that bad input fails here and not hours into training.
         self._model = model = projected_model(pl_module)
         if not self._restored:
-            self.top_k_done = []
+            self.top_k_done, self._grams, self._files = [], {}, {}
             self.probe = same_on_every_rank(trainer, self._draw_probe(trainer))
         check_images(model, self.probe)
         param = next(model.parameters())
@@ -224,8 +284,10 @@ class DeconvCallback(*callback_bases()):
         if not self._restored:
             self.features = self._choose_features(model, seen)
             self.history = {layer: {} for layer in self.features}
+        self.folder = Path(trainer.log_dir or trainer.default_root_dir) / "deconv" / self.monitor_name
+        self._check_record(trainer)
         self._restored = False
-        self._fired_epochs = set()
+        self._fired_epochs, self._top_k_tried, self._training_ran = set(), set(), False
         self.firing_seconds, self.measure_seconds, self.top_k_seconds = {}, {}, {}
         self.plan = self._make_plan(model)
         self._first_conv = _first_conv(model, seen) if self.measures else None
@@ -292,22 +354,39 @@ class DeconvCallback(*callback_bases()):
         self._maybe_fire(trainer, pl_module, trainer.current_epoch + 1)  # loaders without a length
 
     @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._training_ran = True
+
+    @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._fire_at_end(trainer, pl_module)
+        if trainer.is_global_zero:
+            self._print_tensorboard_command(trainer)
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # A resumed run whose checkpoint is already at the end skips training (and on_train_end): the firing
+        # at the end, if a kill cut it short last time, is made here.
+        if not self._training_ran:
+            self._fire_at_end(trainer, pl_module)
+
+    def _fire_at_end(self, trainer: Any, pl_module: Any) -> None:
         completed = trainer.fit_loop.epoch_progress.current.completed
         if self.fire_at_end and completed > 0 and not self._fired(completed):
             self._fire(trainer, pl_module, completed)
-        if self.top_k and self.top_k_epochs is None and completed > 0 and completed not in self.top_k_done:
+        if self.top_k and self.top_k_epochs is None and completed > 0 and not self._top_k_fired(completed):
             self._fire_top_k(trainer, completed)
-        if trainer.is_global_zero:
-            self._print_tensorboard_command(trainer)
 
     def _fired(self, epoch: int) -> bool:
         return epoch in self._fired_epochs or any(epoch in columns for columns in self.history.values())
 
+    def _top_k_fired(self, epoch: int) -> bool:
+        return epoch in self._top_k_tried or epoch in self.top_k_done
+
     def _maybe_fire(self, trainer: Any, pl_module: Any, epoch: int) -> None:
         if epoch in self.epochs and not self._fired(epoch):
             self._fire(trainer, pl_module, epoch)
-        if self.top_k and epoch in (self.top_k_epochs or ()) and epoch not in self.top_k_done:
+        if self.top_k and epoch in (self.top_k_epochs or ()) and not self._top_k_fired(epoch):
             self._fire_top_k(trainer, epoch)
 
     # ------------------------------------------------------------------ one firing
@@ -316,28 +395,32 @@ class DeconvCallback(*callback_bases()):
         start = time.perf_counter()
         self._fired_epochs.add(epoch)  # every rank must agree on what has fired, or collectives would hang
 
-        def finish(parts: list[dict[str, Any]], log_dir: Path) -> None:
-            self._record(trainer, log_dir / "deconv", epoch, self._merge(parts), parts[0]["maxima"], start)
+        def finish(parts: list[dict[str, Any]]) -> None:
+            self._record(trainer, epoch, self._merge(parts), parts[0]["maxima"], start)
 
         fire_safely(trainer, self._model, f"firing after epoch {epoch}", self._project_share, finish, self.strict)
 
     def _fire_top_k(self, trainer: Any, epoch: int) -> None:
         """Fig. 2: every rank scans its shard of the validation set; rank 0 merges, projects, saves and logs."""
         start = time.perf_counter()
-        self.top_k_done.append(epoch)  # every rank, so that all agree on what has fired
+        self._top_k_tried.add(epoch)  # every rank, so that all agree on what has fired
 
         def share(rank: int, world: int, state: dict[str, Tensor] | None) -> dict[str, TopK]:
             return self._top_k_share(trainer, rank, world, state)
 
-        def finish(parts: list[dict[str, TopK]], log_dir: Path) -> None:
+        def finish(parts: list[dict[str, TopK]]) -> None:
             top = merge_top_k(parts, k=self.top_k)
             projected = project_top_k(self.plan, top)
-            save_top_k(log_dir, epoch, top, projected)
+            pictures = {}
             for layer, found in top.items():
                 rows = (len(found.channels), found.k)
                 crops, patches = projected[layer].crops.unflatten(0, rows), projected[layer].patches.unflatten(0, rows)
-                picture = top_k_grid(crops, patches)
-                save_image(picture, log_dir / "deconv" / f"{layer}_top{self.top_k}.png")
+                pictures[layer] = top_k_grid(crops, patches)
+            for layer, picture in pictures.items():
+                save_png(picture, self.folder / f"{layer}_top{self.top_k}.png")
+            save_top_k(self.folder, epoch, top, projected)  # the record's commit point
+            self.top_k_done.append(epoch)
+            for layer, picture in pictures.items():
                 for logger in trainer.loggers:
                     log_image(logger, f"deconv/{layer}/top{self.top_k}", picture, epoch)
             self.top_k_seconds[epoch] = time.perf_counter() - start
@@ -381,24 +464,31 @@ class DeconvCallback(*callback_bases()):
         """Project the tracked features now, as a firing does (on one process), without logging anything."""
         return self._merge([self._project_share(0, 1, None)])
 
-    def _record(
-        self, trainer: Any, out_dir: Path, epoch: int, layers: dict[str, Projection], maxima: dict, start: float
-    ) -> None:
+    def _record(self, trainer: Any, epoch: int, layers: dict[str, Projection], maxima: dict, start: float) -> None:
+        """Record a firing whole or not at all: everything is computed and written first (the firing file, then
+        the PNGs; a failure removes the file again), and only then does the column join the history and the
+        scalars go out."""
         measured = time.perf_counter()
-        scalars: dict[str, float] = {}
+        columns, scalars = {}, {}
         for layer, result in layers.items():
-            column, measures = self._column(layer, epoch, result, maxima[layer])
-            self.history[layer][epoch] = column
+            columns[layer], measures = self._column(layer, epoch, result, maxima[layer])
             scalars.update({f"deconv/{layer}/{name}": value for name, value in measures.items()})
         measured = time.perf_counter() - measured
-        out_dir.mkdir(parents=True, exist_ok=True)
-        saved = {layer: {**_as_dict(result), "gram": maxima[layer].gram} for layer, result in layers.items()}
-        torch.save(
-            {"epoch": epoch, "mode": self.mode, "rule": self.rule, "layers": saved, "measures": scalars},
-            out_dir / f"epoch_{epoch:03d}.pt",
-        )
+        grids = {layer: self._grid(layer, {**self.history[layer], epoch: columns[layer]}) for layer in layers}
+        path = atomic_save(self._firing_file(epoch, layers, maxima, scalars), firing_path(self.folder, epoch))
+        try:
+            for layer, grid in grids.items():
+                save_png(grid, self.folder / f"{layer}_evolution.png")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        for layer, column in columns.items():  # committed: nothing below can lose the firing
+            self.history[layer][epoch] = column
+            if maxima[layer].gram is not None:
+                self._grams[layer] = maxima[layer].gram
+        self._files[epoch] = str(path)
         for layer, result in layers.items():
-            self._log_layer(trainer, out_dir, layer, result, epoch)
+            self._log_layer(trainer, layer, grids[layer], columns[layer], result, epoch)
         self._log_filters(trainer, epoch)
         if self.occlusion and (self.occlusion_epochs is None or epoch in self.occlusion_epochs):
             self._log_occlusion(trainer, epoch, next(reversed(layers)))
@@ -411,12 +501,30 @@ class DeconvCallback(*callback_bases()):
         say(
             trainer,
             f"DeconvCallback: epoch {epoch}: projected {count} features of {len(layers)} layers in {seconds:.2f}s, "
-            f"logged deconv/<layer>/evolution; files in {out_dir}",
+            f"logged deconv/<layer>/evolution; files in {self.folder}",
         )
+
+    def _firing_file(self, epoch: int, layers: dict[str, Projection], maxima: dict, scalars: dict) -> dict[str, Any]:
+        """What a firing file holds: plain tensors and builtins, loadable with ``weights_only=True``."""
+        saved = {layer: {**_as_dict(result), "gram": maxima[layer].gram} for layer, result in layers.items()}
+        sources = torch.unique(torch.cat([result.source.cpu() for result in layers.values()]))
+        return {
+            "format": FIRING_FORMAT,
+            "version": 2,
+            "epoch": epoch,
+            "name": self.monitor_name,
+            "settings": self.settings,
+            "mode": self.mode,
+            "rule": self.rule,
+            "layers": saved,
+            "measures": scalars,
+            "probe_images": {"index": sources, "pixels": _display_pixels(self.probe[sources])},
+        }
 
     def _column(self, layer: str, epoch: int, result: Projection, found: Maxima) -> tuple[dict, dict[str, float]]:
         """This firing's column of ``layer``'s evolution grid (dead and NaN features marked), and its measures:
-        CKA to the previous firing, the share of dead channels, the features' drift since the previous firing."""
+        CKA to the previous firing, the share of dead channels, the features' drift since the previous firing.
+        A column keeps only what the grid and the next firing's measures need."""
         marks = feature_marks(result.value, result.images)
         if "NaN" in marks:
             rank_zero_warn(
@@ -424,11 +532,10 @@ class DeconvCallback(*callback_bases()):
                 "activations or projections (diverged weights?); they are marked in the grid."
             )
         column = {
-            "crops": torch.nan_to_num(result.crops, nan=0.0, posinf=0.0, neginf=0.0),
-            "patches": result.patches,
+            "crops": torch.nan_to_num(result.crops, nan=0.0, posinf=0.0, neginf=0.0).cpu(),
+            "patches": result.patches.cpu() if self.show_patches else None,
             "marks": marks,
-            "source": result.source,
-            "gram": found.gram,
+            "source": result.source.cpu(),
         }
         measures: dict[str, float] = {}
         if found.peaks is not None:
@@ -436,10 +543,10 @@ class DeconvCallback(*callback_bases()):
         earlier = [e for e in self.history[layer] if e < epoch]
         if earlier:
             previous = self.history[layer][max(earlier)]
-            if found.gram is not None and previous.get("gram") is not None:
-                measures["cka_previous"] = cka_from_grams(found.gram, previous["gram"])
+            if found.gram is not None and layer in self._grams:
+                measures["cka_previous"] = cka_from_grams(found.gram, self._grams[layer])
             if previous["crops"].shape == column["crops"].shape:
-                change, moved = drift(previous["crops"], column["crops"], previous["source"], result.source)
+                change, moved = drift(previous["crops"], column["crops"], previous["source"], column["source"])
                 measures["drift"], measures["source_changed"] = change, moved
         return column, measures
 
@@ -463,45 +570,124 @@ class DeconvCallback(*callback_bases()):
     # ------------------------------------------------------------------ output
     def evolution(self, layer: str) -> Tensor:
         """The evolution grid of ``layer`` so far: ``[3, H, W]``, rows = features, columns = epochs."""
-        columns = self.history[layer]
+        return self._grid(layer, self.history[layer])
+
+    def _grid(self, layer: str, columns: dict[int, dict[str, Any]]) -> Tensor:
         epochs = sorted(columns)
         return evolution_grid(
             [columns[e]["crops"] for e in epochs],
             [f"ep {e}" for e in epochs],
             [f"#{c}" for c in self.features[layer]],
             patches=[columns[e]["patches"] for e in epochs] if self.show_patches else None,
-            marks=[columns[e].get("marks", [None] * len(self.features[layer])) for e in epochs],
+            marks=[columns[e]["marks"] for e in epochs],
         )
 
-    def _log_layer(self, trainer: Any, out_dir: Path, layer: str, result: Projection, epoch: int) -> None:
-        grid = self.evolution(layer)
-        crops = self.history[layer][epoch]["crops"]
-        snapshot = projection_grid(crops, result.patches if self.show_patches else None, nrow=len(crops))
-        save_image(grid, out_dir / f"{layer}_evolution.png")
+    def _log_layer(self, trainer: Any, layer: str, grid: Tensor, column: dict, result: Projection, epoch: int) -> None:
+        crops = column["crops"]
+        snapshot = projection_grid(crops, result.patches.cpu() if self.show_patches else None, nrow=len(crops))
         for tag, image in ((f"deconv/{layer}/evolution", grid), (f"deconv/{layer}/epoch", snapshot)):
             for logger in trainer.loggers:
                 log_image(logger, tag, image, epoch)
 
     @staticmethod
     def _print_tensorboard_command(trainer: Any) -> None:
-        for logger in trainer.loggers:
-            if hasattr(getattr(logger, "experiment", None), "add_image"):
-                say(
-                    trainer,
-                    "DeconvCallback: see the feature evolution with\n"
-                    f"  tensorboard --logdir {logger.save_dir} --samples_per_plugin images=100",
-                )
+        folders = {str(logger.save_dir) for logger in trainer.loggers if _writes_tensorboard(logger)}
+        for folder in sorted(folders):
+            say(
+                trainer,
+                "DeconvCallback: see the feature evolution with\n"
+                f"  tensorboard --logdir {folder} --samples_per_plugin images=100",
+            )
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ the record on disk, and checkpoints
+    def _check_record(self, trainer: Any) -> None:
+        """Make the record whole before training: clear what a killed writer left, set aside earlier files that
+        are not this run's, bring a resumed run's firing files into this log dir, and forget a restored column
+        whose file is lost (the end-of-training firing is then made again)."""
+        dropped: list[int] = []
+        if trainer.is_global_zero:
+            remove_temporaries(self.folder)
+            if not self._restored:
+                _set_aside(self.folder)
+            dropped = self._adopt_files()
+        if trainer.world_size > 1:
+            dropped = trainer.strategy.broadcast(dropped, src=0)  # every rank must agree on what has fired
+        for epoch in dropped:
+            for columns in self.history.values():
+                columns.pop(epoch, None)
+            self._files.pop(epoch, None)
+
+    def _adopt_files(self) -> list[int]:
+        """Copy a restored history's firing files into this run's folder (a resume into a new logger version);
+        return the epochs whose file is missing or unreadable everywhere, with one warning."""
+        lost = []
+        for epoch in sorted({e for columns in self.history.values() for e in columns}):
+            here = firing_path(self.folder, epoch)
+            if _whole(here):
+                self._files[epoch] = str(here)
+                continue
+            earlier = Path(self._files.get(epoch, here))
+            if earlier != here and _whole(earlier):
+                atomic_copy(earlier, here)
+                self._files[epoch] = str(here)
+            else:
+                lost.append(epoch)
+        if lost:
+            rank_zero_warn(
+                f"DeconvCallback: the firing files of epochs {lost} are missing or unreadable (looked in "
+                f"{self.folder}); their columns are dropped from the grids so that every column has its file. "
+                "The end-of-training firing, if it is one of them, is made again."
+            )
+        return lost
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"probe": self.probe, "features": self.features, "history": self.history, "top_k_done": self.top_k_done}
+        return {
+            "version": 2,
+            "settings": self.settings,
+            "options": self._options(),
+            "probe": self.probe,
+            "features": self.features,
+            "history": self.history,
+            "grams": self._grams,
+            "files": self._files,
+            "top_k_done": self.top_k_done,
+        }
+
+    @override
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Say, once, when the checkpoint's DeconvCallback had other settings, and whether its history is kept
+        (the options of when and what to log changed) or not (what is computed changed: never mixed in a grid)."""
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states:
+            changed = _differences(states[self.state_key].get("options", {}), self._options())
+            if changed:
+                rank_zero_warn(
+                    f"DeconvCallback: the checkpoint's DeconvCallback had other settings ({changed}); they do not "
+                    "change what is computed, so its history is kept."
+                )
+            return
+        others = [state for key, state in states.items() if key.startswith(type(self).__qualname__ + "{")]
+        if len(others) != 1:
+            return
+        before = others[0].get("settings")
+        if before is None:
+            changed = "it was written by lightning-deconv before 0.2, which kept no settings"
+        else:
+            changed = _differences(before, self.settings) or f"its name differs (now {self.monitor_name!r})"
+        rank_zero_warn(
+            f"DeconvCallback: the checkpoint's DeconvCallback had other settings ({changed}). Its history is not "
+            f"used: this run's grids start afresh in deconv/{self.monitor_name} (the earlier files stay where they "
+            "are). Resume with the same settings to keep the history."
+        )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe = state_dict["probe"]
         self.features = state_dict["features"]
         self.history = state_dict["history"]
+        self._grams = dict(state_dict.get("grams", {}))
+        self._files = dict(state_dict.get("files", {}))
         self.top_k_done = list(state_dict.get("top_k_done", []))
         self._restored = True
 
@@ -552,3 +738,36 @@ def _as_dict(result: Projection) -> dict[str, Tensor]:
         "value": result.value,
         "boxes": result.boxes,
     }
+
+
+def _differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """``"name old -> new; ..."`` for the settings that differ."""
+    return "; ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if k in before and before[k] != v)
+
+
+def _display_pixels(images: Tensor) -> Tensor:
+    """Probe images as ``uint8`` pixels for display (each min-max scaled): a firing file keeps its features'
+    source images this way, a quarter of the float size."""
+    return (normalize(images.detach().float().cpu(), "minmax") * 255).round().to(torch.uint8)
+
+
+def _whole(path: Path) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive (a cut file lacks the archive's closing directory)."""
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def _set_aside(folder: Path) -> None:
+    """Rename a monitor folder that already holds firings (another run's, or another configuration's under the
+    same ``name``) to ``<folder>.earlier-<k>``, so that no grid or figure mixes them with this run's."""
+    if not any(folder.glob("epoch_*.pt")):
+        return
+    k = 1
+    while (aside := folder.with_name(f"{folder.name}{SET_ASIDE}{k}")).exists():
+        k += 1
+    folder.rename(aside)
+    rank_zero_warn(f"DeconvCallback: {folder} held firings of another run; they were moved to {aside}.")
+
+
+def _writes_tensorboard(logger: Any) -> bool:
+    """A logger whose files TensorBoard can show (not a stand-in such as ``fast_dev_run``'s)."""
+    return type(logger).__name__ == "TensorBoardLogger" and getattr(logger, "save_dir", None) is not None

@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "FIRING_FORMAT",
+    "SET_ASIDE",
     "RecordError",
     "atomic_copy",
     "atomic_save",
@@ -35,6 +36,7 @@ __all__ = [
     "find_firings",
     "firing_path",
     "load_record",
+    "load_tensors",
     "monitor_folders",
     "read_firings",
     "remove_temporaries",
@@ -42,6 +44,7 @@ __all__ = [
 ]
 
 FIRING_FORMAT = "lightning-deconv firing"
+SET_ASIDE = ".earlier-"  # a monitor folder set aside by a later run: <name>.earlier-<k>, read only when named
 _TEMPORARY = ".tmp"
 
 
@@ -113,16 +116,11 @@ def firing_path(folder: str | Path, epoch: int) -> Path:
     return Path(folder) / f"epoch_{epoch:03d}.pt"
 
 
-def load_record(path: str | Path, format: str | None = None) -> dict[str, Any]:
-    """Read one file of a run's record (tensors only: ``weights_only=True``), or fail with a :class:`RecordError`.
-
-    Args:
-        path: the file.
-        format: the ``"format"`` the file must declare (files of versions before 0.2 declare none and pass).
+def load_tensors(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure a one-line :class:`RecordError`.
 
     Raises:
-        RecordError: the file is missing, truncated, corrupt, holds objects other than tensors, or is another
-            kind of file.
+        RecordError: the file is missing, truncated, corrupt or holds objects other than tensors (never run).
     """
     path = Path(path)
     fix = "Delete or move it, or point at another run"
@@ -138,6 +136,22 @@ def load_record(path: str | Path, format: str | None = None) -> dict[str, Any]:
         raise RecordError(path, "holds objects other than tensors, so it was not loaded", fix) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise RecordError(path, f"is truncated or corrupt ({type(error).__name__})", fix) from None
+    return raw
+
+
+def load_record(path: str | Path, format: str | None = None) -> dict[str, Any]:
+    """Read one file of a run's record (tensors only: ``weights_only=True``), or fail with a :class:`RecordError`.
+
+    Args:
+        path: the file.
+        format: the ``"format"`` the file must declare (files of versions before 0.2 declare none and pass).
+
+    Raises:
+        RecordError: the file is missing, truncated, corrupt, holds objects other than tensors, or is another
+            kind of file.
+    """
+    raw = load_tensors(path)
+    fix = "Delete or move it, or point at another run"
     if not isinstance(raw, dict) or "epoch" not in raw or "layers" not in raw:
         raise RecordError(path, "is not a lightning-deconv file", fix)
     if format is not None and raw.get("format", format) != format:
@@ -181,6 +195,8 @@ def find_firings(run_dir: str | Path, name: str | None = None, pattern: str = "e
     folders = monitor_folders(run_dir, pattern)
     if name is not None:
         folders = [f for f in folders if f.name == name]
+    else:
+        folders = [f for f in folders if SET_ASIDE not in f.name]
     if not folders:
         what = f"no monitor called {name!r}" if name is not None else f"no DeconvCallback files ({pattern})"
         raise RecordError(run_dir, what, "Point at the log dir of a run trained with DeconvCallback")

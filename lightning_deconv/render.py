@@ -25,6 +25,7 @@ __all__ = [
     "filter_grid",
     "normalize",
     "occlusion_grid",
+    "pad_to",
     "projection_grid",
     "support_boxes",
     "top_k_grid",
@@ -132,10 +133,26 @@ def filter_grid(weight: Tensor, nrow: int | None = None, min_cell: int = 21) -> 
     return make_grid(cells, nrow=nrow or max(1, int(len(cells) ** 0.5 + 0.999)), padding=1, pad_value=1.0)
 
 
-def _colormap(maps: Tensor, name: str, low: float | None = None, high: float | None = None) -> Tensor:
-    """``[N, h, w]`` values to ``[N, 3, h, w]`` colours of a matplotlib colormap, scaled per map (or to a range)."""
-    from matplotlib import colormaps
+# matplotlib's viridis at 17 even steps (linearly interpolated: within 0.021 of its 256 colours, tested) and its
+# tab20 palette, so that the library draws the occlusion maps without needing matplotlib.
+_VIRIDIS = (
+    (0.2670, 0.0049, 0.3294), (0.2823, 0.0950, 0.4173), (0.2788, 0.1755, 0.4834), (0.2590, 0.2515, 0.5247),
+    (0.2297, 0.3224, 0.5457), (0.1994, 0.3876, 0.5546), (0.1727, 0.4488, 0.5579), (0.1490, 0.5081, 0.5573),
+    (0.1276, 0.5669, 0.5506), (0.1206, 0.6258, 0.5335), (0.1579, 0.6838, 0.5017), (0.2461, 0.7389, 0.4520),
+    (0.3692, 0.7889, 0.3829), (0.5160, 0.8312, 0.2943), (0.6785, 0.8637, 0.1895), (0.8456, 0.8873, 0.0997),
+    (0.9932, 0.9062, 0.1439),
+)  # fmt: skip
+_TAB20 = (
+    (0.1216, 0.4667, 0.7059), (0.6824, 0.7804, 0.9098), (1.0000, 0.4980, 0.0549), (1.0000, 0.7333, 0.4706),
+    (0.1725, 0.6275, 0.1725), (0.5961, 0.8745, 0.5412), (0.8392, 0.1529, 0.1569), (1.0000, 0.5961, 0.5882),
+    (0.5804, 0.4039, 0.7412), (0.7725, 0.6902, 0.8353), (0.5490, 0.3373, 0.2941), (0.7686, 0.6118, 0.5804),
+    (0.8902, 0.4667, 0.7608), (0.9686, 0.7137, 0.8235), (0.4980, 0.4980, 0.4980), (0.7804, 0.7804, 0.7804),
+    (0.7373, 0.7412, 0.1333), (0.8588, 0.8588, 0.5529), (0.0902, 0.7451, 0.8118), (0.6196, 0.8549, 0.8980),
+)  # fmt: skip
 
+
+def _viridis(maps: Tensor, low: float | None = None, high: float | None = None) -> Tensor:
+    """``[N, h, w]`` values to ``[N, 3, h, w]`` viridis colours, scaled per map (or from ``low..high``)."""
     maps = maps.detach().double().cpu()
     if low is None:
         flat = maps.flatten(1)
@@ -143,8 +160,18 @@ def _colormap(maps: Tensor, name: str, low: float | None = None, high: float | N
         maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
     else:
         maps = (maps - low) / max(high - low, 1e-12)
-    colours = colormaps[name](maps.clamp(0, 1).numpy())[..., :3]
-    return torch.from_numpy(colours).permute(0, 3, 1, 2).float()
+    table = torch.tensor(_VIRIDIS, dtype=torch.float64)
+    place = maps.clamp(0, 1) * (len(table) - 1)
+    below = place.floor().long().clamp(max=len(table) - 2)
+    weight = (place - below).unsqueeze(-1)
+    colours = table[below] * (1 - weight) + table[below + 1] * weight
+    return colours.permute(0, 3, 1, 2).float()
+
+
+def _classes(labels: Tensor) -> Tensor:
+    """``[N, h, w]`` class indices to ``[N, 3, h, w]`` colours of the tab20 palette (index modulo 20)."""
+    table = torch.tensor(_TAB20)
+    return table[labels.detach().long().cpu().remainder(20)].permute(0, 3, 1, 2)
 
 
 def occlusion_grid(images: Tensor, feature: Tensor | None, probability: Tensor | None, label: Tensor | None) -> Tensor:
@@ -154,11 +181,11 @@ def occlusion_grid(images: Tensor, feature: Tensor | None, probability: Tensor |
     size = tuple(images.shape[-2:])
     cells = [normalize(images.float().cpu(), "minmax").expand(-1, 3, -1, -1)]
     if feature is not None:
-        cells.append(_colormap(feature, "viridis"))
+        cells.append(_viridis(feature))
     if probability is not None:
-        cells.append(_colormap(probability, "viridis", 0.0, 1.0))
+        cells.append(_viridis(probability, 0.0, 1.0))
     if label is not None:
-        cells.append(_colormap(label.remainder(20).double(), "tab20", 0.0, 19.0))
+        cells.append(_classes(label))
     cells = [cells[0]] + [F.interpolate(c, size=size, mode="nearest") for c in cells[1:]]
     return make_grid(torch.stack(cells, dim=1).flatten(0, 1), nrow=len(cells), padding=2, pad_value=1.0)
 
@@ -198,6 +225,30 @@ def _marked_cell(word: str, height: int, width: int) -> Tensor:
     return torch.from_numpy(np.asarray(cell).copy()).permute(2, 0, 1).float() / 255
 
 
+PAD_COLOUR = (0.80, 0.86, 0.94)  # pale blue: where a smaller crop was padded, distinct from any normalised value
+
+
+def pad_to(cells: Tensor, height: int, width: int) -> Tensor:
+    """``[K, C, h, w]`` cells centred in ``height x width`` cells, the margin filled with :data:`PAD_COLOUR`
+    (grey for one-channel cells), so that crops of different sizes share one grid without being resized.
+
+    Example::
+
+        >>> pad_to(torch.zeros(1, 3, 1, 1), 3, 3)[0, :, 1, 1].tolist(), pad_to(torch.zeros(1, 3, 1, 1), 3, 3).shape
+        ([0.0, 0.0, 0.0], torch.Size([1, 3, 3, 3]))
+    """
+    h, w = cells.shape[-2:]
+    if (h, w) == (height, width):
+        return cells
+    if h > height or w > width:
+        raise ValueError(f"Cannot pad {h}x{w} cells into {height}x{width}.")
+    colour = torch.tensor(PAD_COLOUR if cells.shape[1] == 3 else (sum(PAD_COLOUR) / 3,) * cells.shape[1])
+    out = colour.to(cells).view(1, -1, 1, 1).expand(len(cells), -1, height, width).clone()
+    top, left = (height - h) // 2, (width - w) // 2
+    out[..., top : top + h, left : left + w] = cells
+    return out
+
+
 def evolution_grid(
     columns: Sequence[Tensor],
     column_labels: Sequence[str],
@@ -215,15 +266,22 @@ def evolution_grid(
     epoch ``column_labels[e]``), each normalised on its own as in the paper's Figure 4. Small cells are
     enlarged (nearest neighbour) to at least ``min_cell`` pixels so that the labels stay readable. With
     ``patches`` (one ``[K, C, h, w]`` per column), each cell shows its probe-image patch to the right.
+    Columns may hold crops of different sizes (support crops change between firings): every cell is laid out
+    at the largest size, smaller crops centred and padded with :data:`PAD_COLOUR`, their pixels untouched.
     ``cell_size`` resizes every (square) cell to exactly that many pixels, so grids of layers with different
     receptive fields line up side by side. ``marks[e][k]``, where not ``None``, replaces cell ``(k, e)`` by a
     tinted cell showing that word (e.g. ``"dead"`` for a feature with no positive activation on the probe).
     """
     if len(columns) != len(column_labels) or not columns:
         raise ValueError("Give one label per column and at least one column.")
-    shown = [normalize(c.float(), method) for c in columns]
+    height = max(c.shape[-2] for c in columns)
+    width = max(c.shape[-1] for c in columns)
+    shown = [pad_to(normalize(c.float(), method), height, width) for c in columns]
     if patches is not None:
-        shown = [torch.cat([s, normalize(p.float(), "minmax")], dim=3) for s, p in zip(shown, patches, strict=True)]
+        shown = [
+            torch.cat([s, pad_to(normalize(p.float(), "minmax"), height, width)], dim=3)
+            for s, p in zip(shown, patches, strict=True)
+        ]
     cells = torch.stack(shown, dim=1)  # [K, E, C, h, w]
     e = cells.shape[1]
     cells = cells.flatten(0, 1)

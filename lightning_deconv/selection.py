@@ -268,9 +268,11 @@ def auto_layers(model: nn.Module, seen: Trace, max_stages: int = 6) -> list[str]
     """The conv stages of ``model``: for each convolution, the last activation or pooling module that follows it.
 
     For ZFNet and AlexNet this gives the paper's layers 1 to 5 (e.g. ``pool1, pool2, relu3, relu4,
-    pool5``). Deeper plain nets (VGG) keep the stages that end in pooling. Nets where that leaves fewer than
-    two (ResNet) use the blocks of their trunk, found below any wrappers (``self.net``, ``self.backbone``):
-    the stem (up to its pooling) and each block that contains convolutions (``layer1 ... layer4``).
+    pool5``). Nets with more than ``max_stages`` of them use the blocks of their trunk, found below any wrappers
+    (``self.net``, ``self.backbone``): the stem (up to its pooling) and each block that contains convolutions
+    (ResNet: ``layer1 ... layer4``); plain nets without blocks (VGG) keep their stages. Where that is still
+    more than ``max_stages`` (MobileNet, EfficientNet, GoogLeNet, DenseNet, VGG), one layer per spatial
+    resolution: the last block (or stage) before the maps shrink, a pooling closing the stage it pools.
     """
     modules = named_layers(model)
     leaves = [n for n in seen.order if n in modules and not list(modules[n].children())]
@@ -292,10 +294,25 @@ def auto_layers(model: nn.Module, seen: Trace, max_stages: int = 6) -> list[str]
     stages = list(dict.fromkeys(stages))
     if len(stages) <= max_stages:
         return stages
-    pooled = [n for n in stages if isinstance(modules[n], (nn.MaxPool2d, nn.AvgPool2d))]
-    if len(pooled) >= 2:
-        return pooled
-    return _trunk_blocks(modules, seen)
+    blocks = _trunk_blocks(modules, seen)
+    units = blocks if len(blocks) >= 2 else stages
+    return units if len(units) <= max_stages else _last_per_resolution(units, modules, seen)
+
+
+def _last_per_resolution(units: list[str], modules: dict[str, nn.Module], seen: Trace) -> list[str]:
+    """The last of ``units`` at each spatial resolution, in order; a pooling unit belongs to the stage whose
+    maps it pools (it closes it), every other unit to the resolution of its output."""
+    groups: list[list[str]] = []
+    stage = previous = None
+    for name in units:
+        output = tuple(seen.shapes[name][-2:])
+        # a pooling unit works at its input's resolution: the previous unit's output
+        here = previous if isinstance(modules[name], (nn.MaxPool2d, nn.AvgPool2d)) else output
+        if not groups or here != stage:
+            groups.append([])
+        groups[-1].append(name)
+        stage, previous = here, output
+    return [group[-1] for group in groups]
 
 
 def _trunk_blocks(modules: dict[str, nn.Module], seen: Trace) -> list[str]:

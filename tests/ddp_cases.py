@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from test_compat import Classifier, FunctionalPooling, images
+from test_compat import Classifier, FunctionalPooling, RectifiedFunctionalPooling, images
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deconv import DeconvCallback
@@ -27,13 +27,13 @@ class FailsOnRankOne(DeconvCallback):
         return super()._project_share(rank, world, state)
 
 
-def run(callback, val=None):
+def run(callback, val=None, epochs=2, build=FunctionalPooling):
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
         strategy="ddp",
         accelerator="cpu",
         devices=2,
-        max_epochs=2,
+        max_epochs=epochs,
         callbacks=[callback],
         logger=False,
         default_root_dir=out,
@@ -41,7 +41,7 @@ def run(callback, val=None):
         enable_checkpointing=False,
         enable_model_summary=False,
     )
-    model = Classifier(FunctionalPooling)
+    model = Classifier(build)
     trainer.fit(model, DataLoader(TensorDataset(*images(16)), batch_size=4), val)
     return trainer, model
 
@@ -50,8 +50,8 @@ result = {}
 kwargs = {"probe": images(8)[0], "features_per_layer": 3, "epochs": (1, 2), "crop": "support"}
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    functional = DeconvCallback(**kwargs)
-    trainer, _ = run(functional)
+    functional = DeconvCallback(**{**kwargs, "epochs": (1, 2, 3, 4)})  # support crops that change size
+    trainer, _ = run(functional, epochs=4, build=RectifiedFunctionalPooling)
     failing = FailsOnRankOne(**kwargs)
     run(failing)
     scanning = DeconvCallback(**{**kwargs, "epochs": (1,), "top_k": 3})

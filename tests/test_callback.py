@@ -59,7 +59,7 @@ def test_logs_evolution_grids_and_saves_each_firing(tmp_path):
     for layer in layers:
         assert tags[f"deconv/{layer}/evolution"] == [1, 2, 3]  # 1, 2 scheduled, 3 = end of training
         assert tags[f"deconv/{layer}/epoch"] == [1, 2, 3]
-        assert (log_dir / "deconv" / f"{layer}_evolution.png").exists()
+        assert (callback.folder / f"{layer}_evolution.png").exists()
         assert sorted(callback.history[layer]) == [1, 2, 3]
         columns = [callback.history[layer][epoch]["crops"] for epoch in (1, 2, 3)]
         rows = [f"#{c}" for c in callback.features[layer]]
@@ -68,9 +68,12 @@ def test_logs_evolution_grids_and_saves_each_firing(tmp_path):
         assert torch.equal(callback.evolution(layer), expected)
         assert not torch.equal(columns[0], columns[2])  # the features changed while training
     assert len(tags["deconv/seconds"]) == 3
-    assert sorted(p.name for p in (log_dir / "deconv").glob("*.pt")) == [f"epoch_00{e}.pt" for e in (1, 2, 3)]
+    assert callback.folder == log_dir / "deconv" / callback.monitor_name
+    assert sorted(p.name for p in callback.folder.iterdir()) == sorted(
+        [f"epoch_00{e}.pt" for e in (1, 2, 3)] + [f"{layer}_evolution.png" for layer in layers]
+    )  # and no temporary file left behind
     # the last firing used the final weights: its projections are the engine's on the trained model
-    saved = torch.load(log_dir / "deconv" / "epoch_003.pt")
+    saved = torch.load(callback.folder / "epoch_003.pt")
     for layer in layers:
         want = deconvolve(model, PROBE, layer, callback.features[layer])
         got = saved["layers"][layer]
@@ -145,7 +148,7 @@ def test_probe_from_the_datamodule_is_stored_for_resume(tmp_path):
     indices = torch.randperm(20, generator=torch.Generator().manual_seed(4))[:6].sort().values
     assert torch.equal(callback.probe, dataset(20, 3).tensors[0][indices])
     assert torch.equal(callback.state_dict()["probe"], callback.probe)
-    assert (tmp_path / "deconv" / "epoch_001.pt").exists()  # no logger: files under default_root_dir
+    assert (tmp_path / "deconv" / callback.monitor_name / "epoch_001.pt").exists()  # no logger: default_root_dir
 
 
 @pytest.mark.parametrize(
@@ -192,7 +195,7 @@ def test_schedule_is_normalised():
 def test_other_loggers_get_png_files(tmp_path):
     callback = DeconvCallback(probe=PROBE, features_per_layer=2, epochs=(1,), show_patches=True)
     trainer, _ = fit(tmp_path, [callback], max_epochs=1, logger=CSVLogger(tmp_path, name="csv"))
-    out = Path(trainer.log_dir) / "deconv"
+    out = Path(trainer.log_dir) / "deconv" / callback.monitor_name
     assert sorted(p.name for p in out.iterdir()) == ["epoch_001.pt", "net.3_evolution.png", "net.6_evolution.png"]
 
 
@@ -205,6 +208,7 @@ def test_ddp_splits_the_work_and_logs_once(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    (folder,) = (tmp_path / "run" / "version_0" / "deconv").iterdir()
     for epoch in (0, 1):  # each firing: both ranks projected a part, together every feature once
         per_layer = {}
         for jobs in ranks:
@@ -212,7 +216,7 @@ def test_ddp_splits_the_work_and_logs_once(tmp_path):
             assert mine, "each rank takes part of the work"
             for layer, channels in mine:
                 per_layer.setdefault(layer, []).extend(channels)
-        saved = torch.load(tmp_path / "run" / "version_0" / "deconv" / f"epoch_00{epoch + 1}.pt")["layers"]
+        saved = torch.load(folder / f"epoch_00{epoch + 1}.pt")["layers"]
         expected = {layer: sorted(data["channels"].tolist()) for layer, data in saved.items()}
         assert {layer: sorted(channels) for layer, channels in per_layer.items()} == expected
     events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
@@ -221,7 +225,7 @@ def test_ddp_splits_the_work_and_logs_once(tmp_path):
     assert tags["deconv/net.3/evolution"] == [1, 2] and tags["deconv/net.6/epoch"] == [1, 2]
     model = Tiny()
     model.load_state_dict(torch.load(tmp_path / "final.pt"))
-    saved = torch.load(tmp_path / "run" / "version_0" / "deconv" / "epoch_002.pt")["layers"]
+    saved = torch.load(folder / "epoch_002.pt")["layers"]
     for layer, got in saved.items():
         want = deconvolve(model, dataset(12, 7).tensors[0], layer, got["channels"])
         assert torch.equal(got["position"], want.position)
@@ -325,7 +329,7 @@ def test_top_k_over_the_validation_set_at_the_end(tmp_path):
     callback = DeconvCallback(probe=PROBE, features_per_layer=2, epochs=(1,), top_k=4)
     trainer, model = fit(tmp_path, [callback], max_epochs=2)
     log_dir = Path(trainer.log_dir)
-    saved = load_top_k(log_dir / "deconv" / "top4_epoch_002.pt")
+    saved = load_top_k(callback.folder / "top4_epoch_002.pt")
     val = dataset(32, 1)  # Tiny's validation set
     want = top_k(model, val, callback.features, k=4)
     projected = project_top_k(model, want, val)
@@ -333,8 +337,9 @@ def test_top_k_over_the_validation_set_at_the_end(tmp_path):
         assert torch.equal(got.index, want[layer].index) and torch.equal(got.position, want[layer].position)
         crops = projected[layer].crops.unflatten(0, (2, 4))
         assert torch.allclose(saved.crops[layer], crops, rtol=1e-4, atol=1e-6)
-        assert (log_dir / "deconv" / f"{layer}_top4.png").exists()
+        assert (callback.folder / f"{layer}_top4.png").exists()
         assert tb_tags(log_dir)[f"deconv/{layer}/top4"] == [2]
     assert callback.state_dict()["top_k_done"] == [2]
     again, _ = fit(tmp_path / "again", [callback], max_epochs=2)  # the same callback in a new fit scans again
-    assert (Path(again.log_dir) / "deconv" / "top4_epoch_002.pt").exists() and callback.top_k_done == [2]
+    assert callback.folder.parent.parent == Path(again.log_dir)
+    assert (callback.folder / "top4_epoch_002.pt").exists() and callback.top_k_done == [2]

@@ -10,7 +10,8 @@ from PIL import Image
 
 from lightning_deconv.callback import DeconvCallback
 from lightning_deconv.paper.cli import CONFIGS, DeconvCLI, main
-from lightning_deconv.paper.figure4 import figure4, find_firings
+from lightning_deconv.paper.figure4 import figure4
+from lightning_deconv.record import RecordError, find_firings
 
 
 def test_demo_config_trains_and_figure4_is_rebuilt_from_the_run(tmp_path, capsys):
@@ -41,12 +42,12 @@ def test_demo_config_trains_and_figure4_is_rebuilt_from_the_run(tmp_path, capsys
     one_layer = figure4(run, tmp_path / "layer1.png", layers=["model.features.pool1"])
     with Image.open(one_layer) as image:
         assert image.size[0] < width
-    with pytest.raises(ValueError, match="not tracked"):
+    with pytest.raises(RecordError, match="tracked no layer"):
         figure4(run, tmp_path / "x.png", layers=["model.features.conv9"])
 
 
 def test_figure4_without_firings_says_where_to_point(tmp_path):
-    with pytest.raises(FileNotFoundError, match="DeconvCallback firings"):
+    with pytest.raises(RecordError, match="no DeconvCallback files"):
         find_firings(tmp_path)
 
 

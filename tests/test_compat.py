@@ -67,12 +67,29 @@ class FunctionalPooling(nn.Module):
         return self.relu(self.conv2(F.max_pool2d(self.conv1(x), 3, stride=1, padding=1)))
 
 
+class RectifiedFunctionalPooling(nn.Module):
+    """Functional pooling between rectified convolutions: support crops whose size changes as it trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        x = F.max_pool2d(self.relu1(self.conv1(x)), 2)
+        return self.relu3(self.conv3(self.relu2(self.conv2(x))))
+
+
 class Classifier(L.LightningModule):
     """What a user writes: a network as ``self.net`` (built now or in ``configure_model``), loaders given to fit()."""
 
-    def __init__(self, build=tiny_net, in_configure_model: bool = False, with_forward: bool = True) -> None:
+    def __init__(
+        self, build=tiny_net, in_configure_model: bool = False, with_forward: bool = True, lr: float = 0.01
+    ) -> None:
         super().__init__()
-        self.build, self.in_configure_model = build, in_configure_model
+        self.build, self.in_configure_model, self.lr = build, in_configure_model, lr
         self.net = None if in_configure_model else build()
         if with_forward:
             self.forward = self._forward  # a forward of its own; else the steps call self.net directly
@@ -93,7 +110,7 @@ class Classifier(L.LightningModule):
         self.log("val_loss", F.cross_entropy(self.net(x).flatten(1)[:, :4], y))
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 def fit(tmp_path, model, callback, *, train=None, val=None, pl=L, max_epochs=2, **trainer_kwargs):
@@ -351,7 +368,8 @@ def test_cuda_generator_is_untouched(tmp_path):
 
 def test_ddp_functional_pooling_support_crops_and_a_failing_rank(tmp_path):
     """2 CPU processes: a net with F.max_pool2d in forward (unknown field: support crops of different sizes per
-    rank) gathers without error; a firing that fails on rank 1 only is skipped on all ranks, without a hang."""
+    rank and per firing) keeps every column of 4 firings; a firing that fails on rank 1 only is skipped on all
+    ranks, without a hang."""
     here = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
@@ -363,7 +381,7 @@ def test_ddp_functional_pooling_support_crops_and_a_failing_rank(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["functional"] == {"net.conv1": [1, 2], "net.relu": [1, 2]}
+    assert result["functional"] == {f"net.relu{i}": [1, 2, 3, 4] for i in (1, 2, 3)}  # every column
     assert result["failing"] == {"net.conv1": [2], "net.relu": [2]}  # epoch 1 failed on rank 1: skipped
     assert "rank 1: RuntimeError: rank 1 broke" in result["warning"]
     # Fig. 2 over a validation set sharded across the ranks equals the single-process top k on the same weights

@@ -322,12 +322,17 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_figures_from_a_run(run_dir, tmp_path):
+def test_figures_from_a_run(run_dir, tmp_path, monkeypatch):
     from lightning_deconv.paper import figure5, figure7
 
     small = ["--dpi", "50"]  # few positions and amounts, low resolution: the test is about the plumbing
     square = ["--patch", "32", "--stride", "16"]
+    drawn = []
+    show = figure7._show_map
+    monkeypatch.setattr(figure7, "_show_map", lambda *a, **style: drawn.append(style) or show(*a, **style))
     figure7.main([str(run_dir), "-o", str(tmp_path / "f7.png"), "--count", "2", *square, *small])
+    probability = [style for style in drawn if style.get("cmap") == "jet"]
+    assert len(probability) == 2 and all((s["vmin"], s["vmax"]) == (0.0, 1.0) for s in probability)  # the paper's
     amounts = ["--translate", "-8", "0", "8", "--scale", "1", "1.5", "--rotate", "0", "90"]
     figure5.main([str(run_dir), "-o", str(tmp_path / "f5.png"), "--images", "0", "3", *amounts, *small])
     for name in ("f7.png", "f5.png"):

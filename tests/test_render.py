@@ -110,3 +110,17 @@ def test_projection_grid_puts_each_patch_beside_its_projection():
     assert grid.shape == (3, 2 * (9 + 1) + 1, 3 * (18 + 1) + 1)
     assert torch.allclose(grid[:, 1:10, 1:10], normalize(projections[:1])[0])
     assert torch.allclose(grid[:, 1:10, 10:19], normalize(patches[:1], "minmax")[0])
+
+
+def test_occlusion_colours_match_matplotlib_without_needing_it():
+    from matplotlib import colormaps
+
+    from lightning_deconv.render import _classes, _viridis
+
+    values = torch.linspace(0, 1, 1001).view(1, 1, -1)
+    ours = _viridis(values, 0.0, 1.0)[0, :, 0].T
+    theirs = torch.tensor(colormaps["viridis"](values.flatten().numpy())[:, :3]).float()
+    assert (ours - theirs).abs().max() < 0.021
+    labels = torch.arange(40).view(1, 1, -1)
+    palette = torch.tensor(colormaps["tab20"](labels.flatten().numpy() % 20)[:, :3]).float()
+    assert torch.allclose(_classes(labels)[0, :, 0].T, palette, atol=1e-4)

@@ -114,8 +114,8 @@ def _activations(model, probe, upto):
 
 
 def test_dead_share_and_gram_equal_brute_force_on_the_same_weights(run):
-    callback, model, log_dir = run
-    last = torch.load(log_dir / "deconv" / "epoch_004.pt", weights_only=True)
+    callback, model, _ = run
+    last = torch.load(callback.folder / "epoch_004.pt", weights_only=True)
     for layer, upto in (("net.1", 1), ("net.4", 4)):
         acts = _activations(model, callback.probe, upto)
         dead = sum(int(acts[:, c].max() <= 0) for c in range(acts.shape[1])) / acts.shape[1]
@@ -153,8 +153,9 @@ def test_settling_panel_is_rebuilt_from_the_files_alone(run, tmp_path):
     assert list(curves) == ["net.1", "net.4"]
     for layer, curve in curves.items():
         assert sorted(curve) == [1, 2, 4] and curve[4] == pytest.approx(1.0)
-        first = callback.history[layer][1]["gram"]
-        assert curve[1] == pytest.approx(cka_from_grams(first, callback.history[layer][4]["gram"]))
+        first, last = (torch.load(callback.folder / f"epoch_00{e}.pt")["layers"][layer]["gram"] for e in (1, 4))
+        assert curve[1] == pytest.approx(cka_from_grams(first, last))
+        assert torch.equal(callback.state_dict()["grams"][layer], last)  # memory keeps the last Gram only
     out = settling_figure(log_dir, tmp_path / "settling.png")
     with Image.open(out) as image:
         assert image.size[0] > 500

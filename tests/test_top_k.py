@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from lightning_deconv import Projector, deconvolve, find_maxima
 from lightning_deconv.analysis.top_k import TopK, load_top_k, merge_top_k, project_top_k, save_top_k, top_k
 from lightning_deconv.paper.figure2 import figure2, find_top_k, main
+from lightning_deconv.record import RecordError
 from lightning_deconv.render import top_k_grid
 
 # Layers of the ZF-shaped net: pool1 (switches), relu2, pool2 (switches, ceil mode), relu4, pool5 (2 x 1 map).
@@ -338,8 +339,9 @@ def test_saved_results_draw_figure2(tmp_path, net, images):
     top = top_k(net, images, features, k=9, batch_size=8)
     projected = project_top_k(net, top, images)
     run = tmp_path / "run" / "version_0"
-    path = save_top_k(run, 3, top, projected)
-    assert path == run / "deconv" / "top9_epoch_003.pt"
+    folder = run / "deconv" / "evolution"
+    path = save_top_k(folder, 3, top, projected)
+    assert path == folder / "top9_epoch_003.pt"
     saved = load_top_k(path)
     assert saved.epoch == 3 and list(saved.top) == list(features)
     for layer, t in top.items():
@@ -351,7 +353,7 @@ def test_saved_results_draw_figure2(tmp_path, net, images):
         assert torch.equal(saved.crops[layer].flatten(0, 1), p.crops)
         assert torch.equal(saved.patches[layer].flatten(0, 1), p.patches)
         assert saved.boxes[layer].shape == (len(t.channels), 9, 4)
-    save_top_k(run, 12, top, projected)
+    save_top_k(folder, 12, top, projected)
     assert list(find_top_k(tmp_path)) == [3, 12]
     out = figure2(tmp_path, tmp_path / "figure2.png")
     with Image.open(out) as picture:
@@ -362,9 +364,12 @@ def test_saved_results_draw_figure2(tmp_path, net, images):
         assert picture.size[0] < width and picture.size[1] < height
     with pytest.raises(ValueError, match="epochs \\[3, 12\\]"):
         figure2(run, tmp_path / "x.png", epoch=5)
-    with pytest.raises(ValueError, match="not saved"):
+    with pytest.raises(ValueError, match="tracked no layer"):
         figure2(run, tmp_path / "x.png", layers=["7"])
-    with pytest.raises(FileNotFoundError, match="top"):
+    with pytest.raises(RecordError, match="no such folder"):
         find_top_k(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecordError, match="no DeconvCallback files"):
+        find_top_k(tmp_path / "empty")
     with pytest.raises(ValueError, match="not those of its top k"):
-        save_top_k(run, 4, top, {**projected, "2": projected["9"]})
+        save_top_k(folder, 4, top, {**projected, "2": projected["9"]})

@@ -28,6 +28,7 @@ from lightning_deconv.engine import Projection, Projector, Rule
 from lightning_deconv.kernels import FastCPUOps
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
 from lightning_deconv.probe import untouched_rng
+from lightning_deconv.record import RecordError, atomic_save, load_record
 from lightning_deconv.selection import Maxima, image_maxima, pooling_switches, resolve_features
 
 __all__ = ["SavedTopK", "TopK", "load_top_k", "merge_top_k", "project_top_k", "save_top_k", "top_k", "top_k_path"]
@@ -400,15 +401,16 @@ class SavedTopK:
     boxes: dict[str, Tensor]
 
 
-def top_k_path(log_dir: str | Path, epoch: int, k: int) -> Path:
-    """Where a firing's top k go: ``<log_dir>/deconv/top<k>_epoch_<epoch, 3 digits>.pt``."""
-    return Path(log_dir) / "deconv" / f"top{k}_epoch_{epoch:03d}.pt"
+def top_k_path(folder: str | Path, epoch: int, k: int) -> Path:
+    """Where a firing's top k go: ``<folder>/top<k>_epoch_<epoch, 3 digits>.pt``."""
+    return Path(folder) / f"top{k}_epoch_{epoch:03d}.pt"
 
 
-def save_top_k(log_dir: str | Path, epoch: int, top: Mapping[str, TopK], projections: Mapping[str, Projection]) -> Path:
+def save_top_k(folder: str | Path, epoch: int, top: Mapping[str, TopK], projections: Mapping[str, Projection]) -> Path:
     """Save the top k of a firing and their projections' crops, so that Figure 2 is drawn without the model.
 
-    The file (:func:`top_k_path`, ``k`` the largest of the layers') is a ``torch.save`` dict, readable with
+    The file (:func:`top_k_path`, ``k`` the largest of the layers') is written atomically (a temporary file
+    renamed into place); it is a ``torch.save`` dict, readable with
     ``torch.load(path, weights_only=True)``::
 
         {"format": "lightning-deconv top-k", "version": 1, "epoch": int, "k": int,
@@ -417,7 +419,7 @@ def save_top_k(log_dir: str | Path, epoch: int, top: Mapping[str, TopK], project
                             "crops": [F, k, C, h, w], "patches": [F, k, C, h, w], "boxes": [F, k, 4]}}}
 
     Args:
-        log_dir: the run's log dir.
+        folder: where to write (the callback uses its monitor folder, ``<log_dir>/deconv/<name>``).
         epoch: the epoch after which the top k were taken.
         top: ``{layer: TopK}`` from :func:`top_k` (or :func:`merge_top_k`).
         projections: ``{layer: Projection}`` from :func:`project_top_k` on ``top``.
@@ -437,10 +439,8 @@ def save_top_k(log_dir: str | Path, epoch: int, top: Mapping[str, TopK], project
         by_feature = {kind: getattr(p, kind).cpu().unflatten(0, (len(t.channels), t.k)) for kind in _CUTS}
         layers[name] = {**saved, **by_feature}
     k = max(t.k for t in top.values())
-    path = top_k_path(log_dir, epoch, k)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "version": 1, "epoch": epoch, "k": k, "layers": layers}, path)
-    return path
+    record = {"format": FORMAT, "version": 1, "epoch": epoch, "k": k, "layers": layers}
+    return atomic_save(record, top_k_path(folder, epoch, k))
 
 
 _CUTS = ("crops", "patches", "boxes")
@@ -450,11 +450,11 @@ def load_top_k(path: str | Path) -> SavedTopK:
     """Read a file written by :func:`save_top_k`.
 
     Raises:
-        ValueError: the file is not one of :func:`save_top_k`'s.
+        RecordError (a ValueError): the file is unreadable or not one of :func:`save_top_k`'s.
     """
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a top-k file written by save_top_k.")
+    raw = load_record(path, FORMAT)
+    if raw.get("format") != FORMAT:
+        raise RecordError(path, "is not a top-k file written by save_top_k", "Point at a topK_epoch_XXX.pt file")
     layers = raw["layers"]
     top = {
         name: TopK(**{f.name: saved[f.name] for f in fields(TopK) if f.name != "images"})

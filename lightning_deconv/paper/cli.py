@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -21,7 +23,8 @@ from lightning_deconv.paper.classifier import ImageClassifier
 
 __all__ = ["DeconvCLI", "main"]
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the package (a clone links configs/ here)
+PAPER_EXTRA = ("matplotlib", "jsonargparse", "skimage", "sklearn", "torchmetrics")
 
 
 class DeconvCLI(LightningCLI):
@@ -51,8 +54,6 @@ def demo(argv: Sequence[str] = ()) -> None:
     from lightning_deconv.paper.settling import settling_figure
 
     config = CONFIGS / "demo.yaml"
-    if not config.exists():
-        raise SystemExit(f"{config} not found: run the demo from a clone of the lightning-deconv repository.")
     start = time.perf_counter()
     cli = DeconvCLI(["fit", "--config", str(config), *argv])
     log_dir = cli.trainer.log_dir
@@ -80,12 +81,39 @@ FIGURES = {
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-deconv`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["demo"]:
-        demo(args[1:])
-    elif args[:1] and args[0] in FIGURES:
-        importlib.import_module(FIGURES[args[0]]).main(args[1:])
-    else:
-        DeconvCLI(args)
+    try:
+        if args[:1] == ["demo"]:
+            demo(args[1:])
+        elif args[:1] and args[0] in FIGURES:
+            _figure(args[0], args[1:])
+        else:
+            DeconvCLI(args)
+    except ModuleNotFoundError as error:
+        missing = next((name for name in PAPER_EXTRA if name in (error.name or str(error))), None)
+        if missing is None:
+            raise
+        raise SystemExit(
+            f"lightning-deconv: the paper's experiment needs {missing}, which the library alone does not install. "
+            "Install it with: pip install 'lightning-deconv[paper]'"
+        ) from None
+
+
+def _figure(name: str, args: list[str]) -> None:
+    """Run a figure command: a bad file or argument is one line on stderr and exit status 1, no traceback
+    (``--debug`` shows it); a skipped file is one line too."""
+    debug = "--debug" in args
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            importlib.import_module(FIGURES[name]).main(args)
+        except (ValueError, OSError) as error:  # RecordError is a ValueError
+            if debug:
+                raise
+            raise SystemExit(f"lightning-deconv: {error}") from None
+
+
+def _one_line_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    print(str(message), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Figure 2 of Zeiler & Fergus (2014): the top 9 activations of a random subset of features in each layer.
 
-Rebuilt from the files a run saved (``<run>/deconv/top9_epoch_XXX.pt``, see
+Rebuilt from the files a run saved (``<run>/deconv/<name>/top9_epoch_XXX.pt``, see
 :func:`~lightning_deconv.analysis.top_k.save_top_k`), so no model is needed: one block per layer; per
 feature, the projections of its 9 strongest activations over the validation set (one per image, strongest
 first, row by row) beside the image patches they came from.
@@ -9,12 +9,13 @@ first, row by row) beside the image patches they came from.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_deconv.analysis.top_k import load_top_k
-from lightning_deconv.paper.figure4 import find_firings
+from lightning_deconv.analysis.top_k import SavedTopK, load_top_k
 from lightning_deconv.paper.plotting import figure_parser, pyplot, save
+from lightning_deconv.record import RecordError, check_layers, find_firings
 from lightning_deconv.render import top_k_grid
 
 __all__ = ["figure2", "find_top_k", "main"]
@@ -22,16 +23,28 @@ __all__ = ["figure2", "find_top_k", "main"]
 _GAP = 6  # white pixels between features, as top_k_grid draws them
 
 
-def find_top_k(run_dir: str | Path) -> dict[int, Path]:
-    """The top-k files of a run, ``{epoch: path}`` in epoch order (``run_dir`` as for
-    :func:`~lightning_deconv.paper.figure4.find_firings`).
+def find_top_k(run_dir: str | Path, name: str | None = None) -> dict[int, Path]:
+    """The top-k files of a run's monitor, ``{epoch: path}`` in epoch order (``run_dir`` and ``name`` as for
+    :func:`~lightning_deconv.record.find_firings`).
 
     Raises:
-        FileNotFoundError: no ``deconv/top*_epoch_*.pt`` under ``run_dir``.
+        RecordError: no ``top*_epoch_*.pt`` under ``run_dir``.
     """
-    files = find_firings(run_dir, "top*_epoch_*.pt")
+    files = find_firings(run_dir, name, "top*_epoch_*.pt")
     by_epoch = {int(re.search(r"_epoch_(\d+)\.pt$", path.name).group(1)): path for path in files}
     return dict(sorted(by_epoch.items()))
+
+
+def _newest_readable(files: dict[int, Path]) -> SavedTopK:
+    """The newest top-k file that can be read; each unreadable one is skipped with a warning naming it."""
+    for epoch in sorted(files, reverse=True):
+        try:
+            return load_top_k(files[epoch])
+        except RecordError as error:
+            warnings.warn(f"lightning-deconv: skipped {error}", stacklevel=3)
+    raise RecordError(
+        next(iter(files.values())).parent, "none of its top-k files could be read", "Point at another run"
+    )
 
 
 def figure2(
@@ -42,6 +55,7 @@ def figure2(
     features: int | None = None,
     cell: int = 64,
     dpi: int = 150,
+    name: str | None = None,
 ) -> Path:
     """Draw the paper's Figure 2 from a run and save it to ``output`` (PNG, PDF, ... by extension).
 
@@ -53,24 +67,23 @@ def figure2(
         features: show at most this many features per layer (default: all saved).
         cell: every projection and patch is drawn this many pixels wide, so that the layers line up.
         dpi: resolution of raster outputs.
+        name: the monitor to draw (``deconv/<name>``), when the run has several.
 
     Returns:
         The path written.
 
     Raises:
-        FileNotFoundError: no top-k files under ``run_dir``.
-        ValueError: an epoch without a file, or layers that were not saved.
+        RecordError: no readable top-k file under ``run_dir``, an epoch without a file, or layers that were not
+            saved.
     """
     plt = pyplot()
 
-    files = find_top_k(run_dir)
+    files = find_top_k(run_dir, name)
     if epoch is not None and epoch not in files:
-        raise ValueError(f"No top-k file for epoch {epoch}; the run has epochs {list(files)}.")
-    saved = load_top_k(files[epoch if epoch is not None else max(files)])
+        raise RecordError(run_dir, f"has no top-k file for epoch {epoch}", f"Choose among epochs {list(files)}")
+    saved = _newest_readable(files if epoch is None else {epoch: files[epoch]})
     names = list(layers or saved.top)
-    unknown = [n for n in names if n not in saved.top]
-    if unknown:
-        raise ValueError(f"Layers {unknown} were not saved in this run; it has {list(saved.top)}.")
+    check_layers(names, list(saved.top), files.get(saved.epoch, run_dir))
     count = features or max(len(t.channels) for t in saved.top.values())
     blocks = [top_k_grid(saved.crops[n][:count], saved.patches[n][:count], cell_size=cell, gap=_GAP) for n in names]
     scale = 1 / 90  # inches per pixel of the grids
@@ -114,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--features", type=int, help="at most this many features per layer (default: all)")
     parser.add_argument("--cell", type=int, default=64, help="pixels per projection and patch")
     args = parser.parse_args(argv)
-    path = figure2(args.run_dir, args.output, args.layers, args.epoch, args.features, args.cell, args.dpi)
+    path = figure2(args.run_dir, args.output, args.layers, args.epoch, args.features, args.cell, args.dpi, args.name)
     print(f"Wrote {path}")
 
 

@@ -1,6 +1,6 @@
 """Figure 4 of Zeiler & Fergus (2014): the evolution of a random subset of features through training.
 
-Rebuilt from the files a run saved (``<run>/deconv/epoch_XXX.pt``, written by
+Rebuilt from the files a run saved (``<run>/deconv/<name>/epoch_XXX.pt``, written by
 :class:`~lightning_deconv.callback.DeconvCallback`), so no model is needed: one block per layer, rows =
 features, columns = the epochs at which the callback fired, each cell the feature's strongest activation
 over the probe set projected to pixel space and cropped to its receptive field.
@@ -11,60 +11,45 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from lightning_deconv.analysis.settling import feature_marks
 from lightning_deconv.paper.plotting import figure_parser, pyplot, save
+from lightning_deconv.record import check_layers, find_firings, read_firings
 from lightning_deconv.render import evolution_grid
 
-__all__ = ["figure4", "find_firings", "main"]
+__all__ = ["figure4", "main"]
 
 
-def find_firings(run_dir: str | Path, pattern: str = "epoch_*.pt") -> list[Path]:
-    """The firing files of a run (``deconv/<pattern>``), sorted by name. ``run_dir`` may be the run's log
-    dir, its ``deconv/`` folder, or a parent holding several versions (the newest one with such files is
-    taken).
-
-    Raises:
-        FileNotFoundError: no ``deconv/<pattern>`` under ``run_dir``.
-    """
-    root = Path(run_dir)
-    candidates = (
-        [root]
-        if root.name == "deconv"
-        else sorted({p.parent for p in root.rglob(f"deconv/{pattern}")}, key=lambda p: p.stat().st_mtime)
-    )
-    for folder in reversed(candidates):
-        files = sorted(folder.glob(pattern))
-        if files:
-            return files
-    raise FileNotFoundError(
-        f"No DeconvCallback firings (deconv/{pattern}) under {root}. Point at the log dir of a run "
-        "trained with DeconvCallback, e.g. runs/demo/version_0."
-    )
-
-
-def figure4(run_dir: str | Path, output: str | Path, layers: Sequence[str] | None = None, dpi: int = 150) -> Path:
+def figure4(
+    run_dir: str | Path,
+    output: str | Path,
+    layers: Sequence[str] | None = None,
+    dpi: int = 150,
+    name: str | None = None,
+) -> Path:
     """Draw the paper's Figure 4 from a run and save it to ``output`` (PNG, PDF, ... by extension).
 
     Args:
-        run_dir: where the run saved its firings (see :func:`find_firings`).
+        run_dir: where the run saved its firings (see :func:`~lightning_deconv.record.find_firings`); unreadable
+            files are skipped with a warning naming them.
         output: the figure's path.
         layers: the layers to show, in order (default: all that were tracked, shallowest first).
         dpi: resolution of raster outputs.
+        name: the monitor to draw (``deconv/<name>``), when the run has several.
 
     Returns:
         The path written.
+
+    Raises:
+        RecordError: no readable firings, or layers that were not tracked.
     """
     plt = pyplot()
 
-    firings = [torch.load(path, map_location="cpu", weights_only=True) for path in find_firings(run_dir)]
+    paths = find_firings(run_dir, name)
+    firings = read_firings(paths)
     epochs = [f["epoch"] for f in firings]
     names = list(layers or firings[-1]["layers"])
-    unknown = [n for n in names if n not in firings[-1]["layers"]]
-    if unknown:
-        raise ValueError(f"Layers {unknown} were not tracked in this run; it has {list(firings[-1]['layers'])}.")
-    cell = max(int(f["layers"][n]["crops"].shape[-1]) for f in firings for n in names if n in f["layers"])
+    check_layers(names, list(firings[-1]["layers"]), paths[0].parent)
+    cell = max(int(max(f["layers"][n]["crops"].shape[-2:])) for f in firings for n in names if n in f["layers"])
     cell = max(cell, 48)
     blocks = []
     for name in names:
@@ -103,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--layers", nargs="+", help="layers to show (default: all tracked)")
     args = parser.parse_args(argv)
-    path = figure4(args.run_dir, args.output, args.layers, args.dpi)
+    path = figure4(args.run_dir, args.output, args.layers, args.dpi, args.name)
     print(f"Wrote {path}")
 
 

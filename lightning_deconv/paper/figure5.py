@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "figure5",
         "Zeiler & Fergus's Figure 5 (invariance to translation, scale, rotation) from a run.",
         "the run's log dir (holding checkpoints/last.ckpt) or a .ckpt file",
+        monitors=False,
     )
     parser.add_argument("--images", type=int, nargs="+", help="probe indices (default: varied predicted classes)")
     parser.add_argument("--count", type=int, default=5, help="how many images without --images")

@@ -26,6 +26,7 @@ from lightning_deconv.engine import deconvolve
 from lightning_deconv.layers import eval_mode
 from lightning_deconv.paper.models import ZFNet
 from lightning_deconv.paper.plotting import figure_parser, pyplot, save
+from lightning_deconv.record import RecordError, load_tensors
 from lightning_deconv.render import normalize
 
 __all__ = ["Run", "class_name", "figure7", "load_run", "main", "pick_images"]
@@ -56,9 +57,11 @@ def _find_checkpoint(run_dir: Path) -> Path:
         return last
     found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(
-            f"No checkpoint under {run_dir}. Point at the log dir of a run trained with a ModelCheckpoint "
-            "(save_last=True), e.g. runs/demo/version_0, or at a .ckpt file."
+        raise RecordError(
+            run_dir,
+            "holds no checkpoint",
+            "Point at the log dir of a run trained with a ModelCheckpoint (save_last=True), e.g. "
+            "runs/demo/version_0, or at a .ckpt file",
         )
     return found[-1]
 
@@ -87,20 +90,22 @@ def load_run(run_dir: str | Path) -> Run:
             checkpoint file.
 
     Raises:
-        FileNotFoundError: no checkpoint found.
-        ValueError: the checkpoint holds no ImageClassifier hyper-parameters or no DeconvCallback probe.
+        RecordError: no checkpoint found, an unreadable one, or one that holds no ImageClassifier
+            hyper-parameters or no DeconvCallback probe.
     """
     path = _find_checkpoint(Path(run_dir))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = checkpoint.get("hyper_parameters", {})
+    checkpoint = load_tensors(path)
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     if "num_classes" not in hparams:
-        raise ValueError(f"{path} holds no ImageClassifier hyper-parameters (num_classes, width, input_size).")
+        raise RecordError(
+            path, "holds no ImageClassifier hyper-parameters (num_classes, width, input_size)", "Point at a run of it"
+        )
     model = ZFNet(**{k: hparams[k] for k in ("num_classes", "width", "input_size", "dropout") if k in hparams})
     prefix = "model."  # ImageClassifier keeps its ZFNet as `self.model`
     model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("DeconvCallback")]
     if not states or states[0].get("probe") is None:
-        raise ValueError(f"{path} holds no DeconvCallback probe images; train the run with a DeconvCallback.")
+        raise RecordError(path, "holds no DeconvCallback probe images", "Train the run with a DeconvCallback")
     classes = _class_names(checkpoint.get("datamodule_hyper_parameters", {}))
     return Run(model.eval(), states[0]["probe"].float(), classes, path)
 
@@ -200,7 +205,8 @@ def figure7(
         own = deconvolve(run.model, probe[row : row + 1], layer, [channel]).images
         ax[2].imshow(normalize(own).permute(0, 2, 3, 1)[0].numpy())
         ax[2].set_title(f"(c) feature #{channel} projected (deconvnet)", fontsize=9)
-        shown = _show_map(ax[3], found.probability[row], found, size, cmap="jet")
+        # p(class) on the paper's fixed 0-1 scale: a confident classifier's map is not stretched over noise
+        shown = _show_map(ax[3], found.probability[row], found, size, cmap="jet", vmin=0.0, vmax=1.0)
         fig.colorbar(shown, ax=ax[3], fraction=0.046)
         ax[3].set_title(f"(d) p({class_name(run.classes, target)})", fontsize=9)
         _show_map(ax[4], found.label[row].float(), found, size, cmap=colours, vmin=-0.5, vmax=max(classes) + 0.5)
@@ -230,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "figure7",
         "Zeiler & Fergus's Figure 7 (occlusion sensitivity) from a run's checkpoint and probe images.",
         "the run's log dir (holding checkpoints/last.ckpt) or a .ckpt file",
+        monitors=False,
     )
     parser.add_argument("--images", type=int, nargs="+", help="probe indices (default: varied predicted classes)")
     parser.add_argument("--count", type=int, default=3, help="how many images without --images")

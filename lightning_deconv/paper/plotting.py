@@ -30,10 +30,16 @@ def save(fig: Any, output: str | Path, dpi: int) -> Path:
     return output
 
 
-def figure_parser(name: str, description: str, run_help: str = RUN_HELP) -> argparse.ArgumentParser:
-    """The parser of ``lightning-deconv NAME RUN_DIR -o NAME.png --dpi N``; add the figure's own arguments."""
+def figure_parser(
+    name: str, description: str, run_help: str = RUN_HELP, monitors: bool = True
+) -> argparse.ArgumentParser:
+    """The parser of ``lightning-deconv NAME RUN_DIR -o NAME.png --dpi N [--name MONITOR]``; add the figure's own
+    arguments. ``--debug`` is the command line's own (it shows tracebacks)."""
     parser = argparse.ArgumentParser(prog=f"lightning-deconv {name}", description=description)
     parser.add_argument("run_dir", help=run_help)
     parser.add_argument("-o", "--output", default=f"{name}.png", help="where to write the figure")
     parser.add_argument("--dpi", type=int, default=150)
+    if monitors:
+        parser.add_argument("--name", help="the monitor to draw, deconv/<NAME>, when a run has several")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser

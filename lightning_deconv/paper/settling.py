@@ -13,28 +13,26 @@ from pathlib import Path
 import torch
 
 from lightning_deconv.analysis.settling import settling_curves
-from lightning_deconv.paper.figure4 import find_firings
 from lightning_deconv.paper.plotting import figure_parser, pyplot, save
+from lightning_deconv.record import RecordError, find_firings, read_firings
 
 __all__ = ["main", "settled_at", "settling_figure", "settling_from_run"]
 
 
-def settling_from_run(run_dir: str | Path) -> dict[str, dict[int, float]]:
-    """Per layer, ``{epoch: CKA to the last firing}`` from a run's ``deconv/epoch_XXX.pt`` files.
+def settling_from_run(run_dir: str | Path, name: str | None = None) -> dict[str, dict[int, float]]:
+    """Per layer, ``{epoch: CKA to the last firing}`` from a run's ``deconv/<name>/epoch_XXX.pt`` files
+    (unreadable ones skipped with a warning).
 
     Raises:
-        FileNotFoundError: no firings under ``run_dir``.
-        ValueError: the run was trained with ``measures=False`` (no Gram matrices saved).
+        RecordError: no readable firings under ``run_dir``, or the run was trained with ``measures=False`` (no
+            Gram matrices saved).
     """
     grams: dict[int, dict[str, torch.Tensor]] = {}
-    for path in find_firings(run_dir):
-        firing = torch.load(path, map_location="cpu", weights_only=True)
+    for firing in read_firings(find_firings(run_dir, name)):
         saved = {layer: data.get("gram") for layer, data in firing["layers"].items()}
         grams[firing["epoch"]] = {layer: g for layer, g in saved.items() if g is not None}
     if not any(grams.values()):
-        raise ValueError(
-            f"The firings under {run_dir} hold no Gram matrices: train with DeconvCallback(measures=True)."
-        )
+        raise RecordError(run_dir, "its firings hold no Gram matrices", "Train with DeconvCallback(measures=True)")
     return settling_curves(grams)
 
 
@@ -47,11 +45,13 @@ def settled_at(curve: dict[int, float], threshold: float = 0.9) -> int | None:
     return None
 
 
-def settling_figure(run_dir: str | Path, output: str | Path, threshold: float = 0.9, dpi: int = 150) -> Path:
+def settling_figure(
+    run_dir: str | Path, output: str | Path, threshold: float = 0.9, dpi: int = 150, name: str | None = None
+) -> Path:
     """Draw CKA to the last firing against the epoch, one line per layer, and save it to ``output``."""
     plt = pyplot()
 
-    curves = settling_from_run(run_dir)
+    curves = settling_from_run(run_dir, name)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for index, (layer, curve) in enumerate(curves.items()):
         epochs = sorted(curve)
@@ -76,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--threshold", type=float, default=0.9, help="CKA that counts as settled")
     args = parser.parse_args(argv)
-    path = settling_figure(args.run_dir, args.output, args.threshold, args.dpi)
-    for layer, curve in settling_from_run(args.run_dir).items():
+    path = settling_figure(args.run_dir, args.output, args.threshold, args.dpi, args.name)
+    for layer, curve in settling_from_run(args.run_dir, args.name).items():
         when = settled_at(curve, args.threshold)
         print(f"{layer}: settled (CKA to the last firing >= {args.threshold}) at epoch {when}")
     print(f"Wrote {path}")
