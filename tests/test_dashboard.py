@@ -272,7 +272,9 @@ def board(tmp_path_factory) -> Iterator[Board]:
         num_sanity_val_steps=0,
     )
     trainer.fit(module_class(L)())
-    real = Path(trainer.log_dir).relative_to(logdir).as_posix() + "/deconv"  # this version's legacy layout
+    # the callback's monitor folder: <log_dir>/deconv/<name> (or <log_dir>/deconv for versions before 0.2)
+    folder = getattr(callback, "folder", Path(trainer.log_dir) / "deconv")
+    real = Path(folder).resolve().relative_to(logdir.resolve()).as_posix()
     write_synthetic_run(logdir / RUN, epochs=3, top_k=9)
     _traps(logdir, base / "outside")
     features = {layer: [int(c) for c in channels] for layer, channels in callback.features.items()}
@@ -322,7 +324,8 @@ def test_runs_route_lists_the_real_run(board):
 def test_matrix_feature_and_image_routes(board):
     """The routes answer what the callback's files hold (read here with torch.load)."""
     layer, channels = next(iter(board.features.items()))
-    saved = torch.load(board.logdir / board.real / "epoch_002.pt", weights_only=True)["layers"][layer]
+    raw = torch.load(board.logdir / board.real / "epoch_002.pt", weights_only=True)
+    saved = raw["layers"][layer]
     matrix = board.json("matrix", run=board.real, layer=layer)
     column = matrix["columns"][1]
     assert column["epoch"] == 2 and column["features"] == channels
@@ -331,7 +334,8 @@ def test_matrix_feature_and_image_routes(board):
     assert strip.shape[:2] == (len(channels) * saved["patches"].shape[-2], saved["patches"].shape[-1])
     story = board.json("feature", run=board.real, layer=layer, feature=channels[-1])
     assert [h["source"] for h in story["history"]][1] == int(saved["source"][-1])
-    assert story["top_k"]["k"] == 9 and not story["history"][0]["has_source_image"]  # a legacy file: no probe images
+    assert story["top_k"]["k"] == 9
+    assert story["history"][1]["has_source_image"] == ("probe_images" in raw)  # version 2 files keep them
     top = _png(board.get("image", run=board.real, layer=layer, epoch=3, feature=channels[0], kind="top_patch", rank=8))
     top_file = torch.load(board.logdir / board.real / "top9_epoch_003.pt", weights_only=True)
     assert top.shape[:2] == tuple(top_file["layers"][layer]["patches"].shape[-2:])
