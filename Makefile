@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint benchmark check-wheel clean
+.PHONY: setup demo test lint benchmark check-wheel browser clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ test: lint
 
 benchmark: setup
 	$(PY) scripts/benchmark.py
+
+# Debian's Chromium for the Deconv tab's browser test (it skips, saying why, where Chromium is missing).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 # The wheel, in a clean venv: lean install, the callback fires with either Lightning flavour alone, and the
 # `paper` extra runs the demo from outside the clone.
