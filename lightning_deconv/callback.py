@@ -34,6 +34,7 @@ from lightning_deconv._trainer import (
     shard,
     validation_data,
 )
+from lightning_deconv.analysis.diagnosis import Diagnosis, FiringMeasures, cumulative_stride, measure_firing
 from lightning_deconv.analysis.occlusion import occlusion
 from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift, feature_marks
 from lightning_deconv.analysis.top_k import TopK, merge_top_k, project_top_k, save_top_k, top_k
@@ -125,6 +126,9 @@ class DeconvCallback(*callback_bases()):
         name: the folder this instance writes to, ``<log_dir>/deconv/<name>/`` (letters, digits, ``.``, ``_``,
             ``-``). Default: a digest of the settings that change what is computed, so that instances never
             write over each other and a resume with other settings never mixes columns in one grid.
+        diagnose: with ``measures``, warn (once per condition and layer per run, never stopping) when a Fig. 6
+            measure crosses its threshold, naming the layer, the value and the paper's remedy (see
+            :class:`~lightning_deconv.analysis.diagnosis.Diagnosis`).
 
     Raises:
         TypeError, ValueError: at construction for invalid arguments; at fit start (before any training step)
@@ -134,13 +138,15 @@ class DeconvCallback(*callback_bases()):
     Logs, on rank 0, everything with the epoch as its step: per layer ``deconv/<layer>/evolution`` (the
     evolution grid so far) and ``deconv/<layer>/epoch`` (this firing's features); with ``measures``, the scalars
     ``deconv/<layer>/cka_previous``, ``/dead``, ``/drift`` and ``/source_changed``, the first layer's
-    ``deconv/<conv>/filters`` picture and ``/filter_rms`` histogram, and a custom-scalars layout (one chart per
-    measure, a line per layer); and ``deconv/seconds``. TensorBoard keeps only 10 images per tag unless started
-    with ``--samples_per_plugin images=100``. Each firing's projections, crops, sources, positions, values and
-    Gram matrices are saved, atomically, to ``<log_dir>/deconv/<name>/epoch_XXX.pt`` and each layer's grid to a
-    PNG beside it. A firing is recorded whole (file, grid, scalars, the column in memory and in checkpoints)
-    or not at all; memory and checkpoints keep only what the next firing needs (the grid's crops, each
-    layer's last Gram matrix).
+    ``deconv/<conv>/filters`` picture and ``/filter_rms`` histogram, the Fig. 6 measures
+    ``deconv/<conv>/spectrum/low``, ``/mid``, ``/high`` and ``deconv/<layer>/aliasing``
+    (:mod:`lightning_deconv.analysis.diagnosis`), and a custom-scalars layout (one chart per measure, a line per
+    layer); and ``deconv/seconds``. TensorBoard keeps only 10 images per tag unless started with
+    ``--samples_per_plugin images=100``. Each firing's projections, crops, sources, positions, values, Gram
+    matrices and first-layer filters are saved, atomically, to ``<log_dir>/deconv/<name>/epoch_XXX.pt`` and
+    each layer's grid to a PNG beside it. A firing is recorded whole (file, grid, scalars, the column in memory
+    and in checkpoints) or not at all; memory and checkpoints keep only what the next firing needs (the grid's
+    crops, each layer's last Gram matrix).
 
     Example::
 
@@ -173,6 +179,7 @@ class DeconvCallback(*callback_bases()):
         top_k_batches: int | None = None,
         strict: bool = False,
         name: str | None = None,
+        diagnose: bool = True,
     ) -> None:
         if probe is not None and not isinstance(probe, (Tensor, Dataset, DataLoader)):
             raise TypeError(f"`probe` must be a Tensor, a Dataset, a DataLoader or None, got {type(probe).__name__}.")
@@ -223,6 +230,8 @@ class DeconvCallback(*callback_bases()):
         self.measure_seconds: dict[int, float] = {}
         self.top_k_seconds: dict[int, float] = {}
         self._first_conv: str | None = None
+        self.diagnosis = Diagnosis() if diagnose else None
+        self._period: tuple[int, int] | None = None  # the first conv's cumulative stride: the aliasing lattice
         self._fired_epochs: set[int] = set()
         self.top_k_done: list[int] = []  # epochs whose top k were saved (resumable)
         self.name = name
@@ -291,6 +300,10 @@ class DeconvCallback(*callback_bases()):
         self.firing_seconds, self.measure_seconds, self.top_k_seconds = {}, {}, {}
         self.plan = self._make_plan(model)
         self._first_conv = _first_conv(model, seen) if self.measures else None
+        if self._first_conv is not None:
+            self._period = cumulative_stride(model, self._first_conv, self.probe.shape[1:])
+        if self.diagnosis is not None:
+            self.diagnosis.reset()
         if trainer.is_global_zero and self.measures:
             self._add_layout(trainer)
         rank_zero_info(f"DeconvCallback: {self.plan.describe()}")  # no progress bar to print above yet
@@ -474,8 +487,12 @@ class DeconvCallback(*callback_bases()):
             columns[layer], measures = self._column(layer, epoch, result, maxima[layer])
             scalars.update({f"deconv/{layer}/{name}": value for name, value in measures.items()})
         measured = time.perf_counter() - measured
+        fig6 = self._figure6(layers, scalars) if self._first_conv is not None else None  # (measures, filters)
         grids = {layer: self._grid(layer, {**self.history[layer], epoch: columns[layer]}) for layer in layers}
-        path = atomic_save(self._firing_file(epoch, layers, maxima, scalars), firing_path(self.folder, epoch))
+        path = atomic_save(
+            {**self._firing_file(epoch, layers, maxima, scalars), "filters": fig6[1] if fig6 else None},
+            firing_path(self.folder, epoch),
+        )
         try:
             for layer, grid in grids.items():
                 save_png(grid, self.folder / f"{layer}_evolution.png")
@@ -487,6 +504,9 @@ class DeconvCallback(*callback_bases()):
             if maxima[layer].gram is not None:
                 self._grams[layer] = maxima[layer].gram
         self._files[epoch] = str(path)
+        if fig6 is not None and self.diagnosis is not None:  # warned only for a firing that was recorded
+            for line in self.diagnosis.check(fig6[0], epoch):
+                rank_zero_warn(f"DeconvCallback: {line}")
         for layer, result in layers.items():
             self._log_layer(trainer, layer, grids[layer], columns[layer], result, epoch)
         self._log_filters(trainer, epoch)
@@ -549,6 +569,19 @@ class DeconvCallback(*callback_bases()):
                 change, moved = drift(previous["crops"], column["crops"], previous["source"], column["source"])
                 measures["drift"], measures["source_changed"] = change, moved
         return column, measures
+
+    def _figure6(self, layers: dict[str, Projection], scalars: dict[str, float]) -> tuple[FiringMeasures, dict] | None:
+        """Add the Fig. 6 measures to ``scalars``; return them (for the diagnosis) and the first-layer filters."""
+        try:
+            weight = named_layers(self._model)[self._first_conv].weight.detach().float().cpu()
+            dead = {layer: scalars[f"deconv/{layer}/dead"] for layer in layers if f"deconv/{layer}/dead" in scalars}
+            images = {layer: result.images for layer, result in layers.items()}
+            found = measure_firing(self._first_conv, weight, images, self._period, dead)
+        except Exception as error:  # a measure that fails must never cost the firing
+            rank_zero_warn(f"DeconvCallback could not measure the Fig. 6 spectrum and aliasing: {error}")
+            return None
+        scalars.update(found.scalars())
+        return found, {"name": self._first_conv, "weight": weight}
 
     def _log_filters(self, trainer: Any, epoch: int) -> None:
         """The first layer's filters as a picture (the paper's Fig. 6) and their RMS as a histogram, on TensorBoard."""
@@ -709,6 +742,8 @@ class DeconvCallback(*callback_bases()):
             "dead features: share of channels never positive on the probe": "dead",
             "feature drift: mean 1 - cosine of projections since the previous firing": "drift",
             "share of features whose strongest probe image changed": "source_changed",
+            "first-layer filters: mean share of spectral power, low / mid / high band": "spectrum/.*",
+            "aliasing: share of the projections' power on the first conv's stride lattice": "aliasing",
         }
         layout = {"deconv": {title: ["Multiline", [rf"deconv/.*/{tag}$"]] for title, tag in charts.items()}}
         for logger in trainer.loggers:

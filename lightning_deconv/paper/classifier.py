@@ -57,6 +57,8 @@ class ImageClassifier(LightningModule):
         lr_gamma: the factor of that step.
         init: ``"he"``: conv1 from N(0, 1e-2) as in the paper, He-normal elsewhere (see the module
             docstring); ``"torch"``: PyTorch's default initialisation.
+        stem: ZFNet's first layer (``"zfnet"``: 7x7 at stride 2) or AlexNet's (``"alexnet"``: 11x11 at stride
+            4, with a stride-1 conv2), see :class:`~lightning_deconv.paper.models.ZFNet`.
 
     Raises:
         ValueError: if ``num_classes < 2``, ``lr <= 0``, ``lr_step_epochs < 1``, ``init`` is unknown or the
@@ -81,6 +83,7 @@ class ImageClassifier(LightningModule):
         lr_step_epochs: int | None = None,
         lr_gamma: float = 0.1,
         init: Literal["he", "torch"] = "he",
+        stem: Literal["zfnet", "alexnet"] = "zfnet",
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -92,7 +95,7 @@ class ImageClassifier(LightningModule):
         if init not in ("he", "torch"):
             raise ValueError(f"`init` must be 'he' or 'torch', got {init!r}.")
         self.save_hyperparameters()
-        self.model = ZFNet(num_classes=num_classes, width=width, input_size=input_size, dropout=dropout)
+        self.model = ZFNet(num_classes=num_classes, width=width, input_size=input_size, dropout=dropout, stem=stem)
         if init == "he":
             _he_init(self.model)
         # Top-1 accuracy over all samples ("micro"), not torchmetrics' default per-class mean.
