@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from lightning_deconv.analysis.spectrum import aliasing, filter_spectrum
 from lightning_deconv.engine import Projection, Projector, deconvolve, project
 from lightning_deconv.geometry import ReceptiveField, receptive_field
 from lightning_deconv.render import crop, evolution_grid, normalize, projection_grid, support_boxes
@@ -14,10 +15,12 @@ __all__ = [
     "Projection",
     "Projector",
     "ReceptiveField",
+    "aliasing",
     "choose_features",
     "crop",
     "deconvolve",
     "evolution_grid",
+    "filter_spectrum",
     "find_maxima",
     "normalize",
     "project",

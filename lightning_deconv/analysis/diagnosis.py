@@ -71,8 +71,8 @@ def measure_firing(
         period: the first convolution's cumulative stride ``(rows, cols)``; ``None`` skips the aliasing.
         dead: per layer, the share of dead channels (passed through to the diagnosis).
 
-    Non-finite projections (diverged features) are left out of a layer's mean; a layer without any finite
-    one has NaN aliasing.
+    Features without a share are left out of a layer's mean aliasing: non-finite projections (diverged
+    features) and zero ones (dead features: nothing to project). A layer with none left has NaN aliasing.
 
     Example::
 
@@ -166,14 +166,14 @@ class Diagnosis:
         """The warnings this firing raises that were not given before in this run (each a single line)."""
         found = []
         conv = measures.first_conv
-        mid = measures.spectrum[1]
+        low, mid, high = measures.spectrum
         if mid < self.mid_min:
             found.append(
                 (
                     "spectrum",
                     conv,
-                    f"mean mid-frequency share of the filters {mid:.3f} < {self.mid_min} (low {measures.spectrum[0]:.3f}"
-                    f", high {measures.spectrum[2]:.3f}): extremely high and low frequencies with little mid coverage "
+                    f"mean mid-frequency share of the filters {mid:.3f} < {self.mid_min} (low {low:.3f}, high "
+                    f"{high:.3f}): extremely high and low frequencies with little mid coverage "
                     "(the paper's Fig. 6a). Remedy: smaller first-layer filters and stride (ZFNet: 7x7 at stride 2 "
                     "instead of 11x11 at stride 4).",
                 )
@@ -216,4 +216,3 @@ class Diagnosis:
                 self.warned.add((condition, layer))
                 lines.append(f"Fig. 6 diagnosis after epoch {epoch}: {layer}: {text}")
         return lines
-

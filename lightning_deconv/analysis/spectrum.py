@@ -100,7 +100,9 @@ def lattice_mask(height: int, width: int, period: int | tuple[int, int]) -> Tens
     rows, cols = _pair(period)
     if height % rows or width % cols:
         raise ValueError(f"The sides {height}x{width} must be multiples of the period {rows}x{cols}.")
-    mask = (torch.arange(height)[:, None] % (height // rows) == 0) & (torch.arange(width)[None, :] % (width // cols) == 0)
+    on_rows = torch.arange(height) % (height // rows) == 0  # bins u with u / height a multiple of 1 / rows
+    on_cols = torch.arange(width) % (width // cols) == 0
+    mask = on_rows[:, None] & on_cols[None, :]
     mask[0, 0] = False
     return mask
 
