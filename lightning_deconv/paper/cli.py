@@ -74,6 +74,7 @@ FIGURES = {
     "figure4": "lightning_deconv.paper.figure4",
     "settling": "lightning_deconv.paper.settling",
     "figure5": "lightning_deconv.paper.figure5",
+    "figure6": "lightning_deconv.paper.figure6",
     "figure7": "lightning_deconv.paper.figure7",
 }
 
