@@ -125,9 +125,9 @@ def test_figure6_sets_two_runs_side_by_side(tmp_path, capsys):
     assert f"low {low:.2f} / mid {mid:.2f} / high {high:.2f}" in text and "5x5" in text
     assert f"aliasing of net.6: {firing['measures']['deconv/net.6/aliasing']:.4f}" in text
     assert f"net.3 {firing['measures']['deconv/net.3/dead']:.2f}" in text
-    with pytest.raises(ValueError, match="not tracked"):
+    with pytest.raises(RecordError, match="tracked no layer"):
         figure6([first, second], tmp_path / "x.png", layer="net.9")
     path = find_firings(second)[-1]
     torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if k != "filters"}, path)
-    with pytest.raises(ValueError, match="measures=True"):
+    with pytest.raises(RecordError, match=r"holds no first-layer filters.*measures=True"):
         figure6([first, second], tmp_path / "x.png")

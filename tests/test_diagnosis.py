@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deconv import DeconvCallback, aliasing, filter_spectrum
+from lightning_deconv.record import find_firings
 
 G = torch.Generator().manual_seed(0)
 DATA = TensorDataset(torch.randn(32, 3, 32, 32, generator=G), torch.randint(0, 4, (32,), generator=G))
@@ -92,7 +93,7 @@ def test_measures_are_logged_saved_and_equal_the_functions_on_the_run(run):
     regexes = [r for category in layout.category for chart in category.chart for r in chart.multiline.tag]
     assert r"deconv/.*/spectrum/.*$" in regexes and r"deconv/.*/aliasing$" in regexes
     # The last firing ran on the final weights: its file and scalars are the public functions on them.
-    last = torch.load(log_dir / "deconv" / "epoch_003.pt", weights_only=True)
+    last = torch.load(find_firings(log_dir)[2], weights_only=True)
     weight = model.net[0].weight.detach()
     assert last["filters"]["name"] == "net.0" and torch.equal(last["filters"]["weight"], weight)
     shares = filter_spectrum(weight).mean(dim=0)
@@ -107,7 +108,7 @@ def test_measures_are_logged_saved_and_equal_the_functions_on_the_run(run):
 def test_the_diagnosis_warns_once_per_condition_and_names_layer_value_and_remedy(run):
     callback, _, log_dir, said = run
     assert sorted(callback.history["net.2"]) == [1, 2, 3]  # training went on, every firing recorded
-    first = torch.load(log_dir / "deconv" / "epoch_001.pt", weights_only=True)["measures"]
+    first = torch.load(find_firings(log_dir)[0], weights_only=True)["measures"]
     spectrum = [line for line in said if "mid-frequency" in line]
     assert len(spectrum) == 1 and "after epoch 1: net.0:" in spectrum[0]
     assert f"{first['deconv/net.0/spectrum/mid']:.3f} < 0.2" in spectrum[0] and "stride 2" in spectrum[0]
@@ -128,5 +129,5 @@ def test_diagnose_false_says_nothing_but_still_measures(tmp_path):
     callback, _, log_dir, said = fit(tmp_path, diagnose=False)
     assert said == []
     assert callback.diagnosis is None
-    last = torch.load(log_dir / "deconv" / "epoch_003.pt", weights_only=True)
+    last = torch.load(find_firings(log_dir)[2], weights_only=True)
     assert "deconv/net.0/spectrum/mid" in last["measures"] and "deconv/net.4/aliasing" in last["measures"]

@@ -2,7 +2,7 @@
 
 The paper set AlexNet (11x11 first-layer filters at stride 4) beside its fix (7x7 at stride 2) to show the
 symptoms it had seen: first-layer filters without mid frequencies, dead filters, and second-layer projections
-with the stride's aliasing. Rebuilt from the files runs saved (``<run>/deconv/epoch_XXX.pt``, written by
+with the stride's aliasing. Rebuilt from the files runs saved (``<run>/deconv/<name>/epoch_XXX.pt``, written by
 :class:`~lightning_deconv.callback.DeconvCallback` with ``measures=True``), so no model is needed: per run, at
 its last firing, the first-layer filters above, the projections of the second tracked layer's strongest
 features below, and the Fig. 6 measures (:mod:`lightning_deconv.analysis.diagnosis`) printed under them.
@@ -14,30 +14,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 
 from lightning_deconv.analysis.spectrum import filter_spectrum
-from lightning_deconv.paper.figure4 import find_firings
 from lightning_deconv.paper.plotting import figure_parser, pyplot, save
+from lightning_deconv.record import RecordError, check_layers, find_firings, read_firings
 from lightning_deconv.render import filter_grid, projection_grid
 
 __all__ = ["figure6", "last_firing", "main", "measures_text"]
 
 
-def last_firing(run_dir: str | Path) -> dict[str, Any]:
-    """The last firing file of a run (see :func:`~lightning_deconv.paper.figure4.find_firings`), loaded.
+def last_firing(run_dir: str | Path, name: str | None = None) -> dict[str, Any]:
+    """The last readable firing file of a run (see :func:`~lightning_deconv.record.find_firings`), loaded.
 
     Raises:
-        FileNotFoundError: no firings under ``run_dir``.
-        ValueError: the firing has no first-layer filters (a run without ``measures``).
+        RecordError: no readable firings under ``run_dir``, or the last one holds no first-layer filters.
     """
-    path = find_firings(run_dir)[-1]
-    firing = torch.load(path, map_location="cpu", weights_only=True)
+    paths = find_firings(run_dir, name)
+    firing = read_firings(paths)[-1]
     if not firing.get("filters"):
-        raise ValueError(
-            f"{path} holds no first-layer filters: train with DeconvCallback(measures=True) (the default), "
-            "which saves them in every firing file."
+        raise RecordError(
+            paths[-1].parent,
+            f"its firing of epoch {firing['epoch']} holds no first-layer filters",
+            "Train with DeconvCallback(measures=True) (the default), which saves them in every firing file",
         )
     return firing
 
@@ -73,27 +72,30 @@ def figure6(
     labels: Sequence[str] | None = None,
     cell: int = 48,
     dpi: int = 150,
+    name: str | None = None,
 ) -> Path:
     """Draw the paper's Figure 6 for runs side by side and save it to ``output`` (PNG, PDF, ... by extension).
 
     Args:
-        runs: the runs' log dirs (see :func:`~lightning_deconv.paper.figure4.find_firings`), one column each.
+        runs: the runs' log dirs (see :func:`~lightning_deconv.record.find_firings`), one column each.
         output: the figure's path.
         layer: the tracked layer whose projections to show (default: each run's second tracked layer).
         features: show the projections of at most this many features, strongest activation first.
         labels: column titles (default: the runs' paths).
         cell: every projection is drawn this many pixels wide, so that runs with other fields line up.
         dpi: resolution of raster outputs.
+        name: the monitor to draw (``deconv/<name>``) in runs that have several.
 
     Returns:
         The path written.
 
     Raises:
-        FileNotFoundError, ValueError: a run without firings or filters, or without ``layer``.
+        RecordError: a run without readable firings or filters, or without ``layer``.
+        ValueError: as many labels as runs are needed.
     """
     plt = pyplot()
 
-    firings = [last_firing(run) for run in runs]
+    firings = [last_firing(run, name) for run in runs]
     labels = list(labels or [str(run) for run in runs])
     if len(labels) != len(firings):
         raise ValueError(f"Got {len(labels)} labels for {len(firings)} runs.")
@@ -101,8 +103,7 @@ def figure6(
     for column, (firing, label) in enumerate(zip(firings, labels, strict=True)):
         names = list(firing["layers"])
         shown = layer or names[min(1, len(names) - 1)]
-        if shown not in firing["layers"]:
-            raise ValueError(f"Layer {shown!r} was not tracked in {runs[column]}; it has {names}.")
+        check_layers([shown], names, runs[column])
         saved = firing["layers"][shown]
         order = saved["value"].argsort(descending=True)[:features]
         crops = F.interpolate(saved["crops"][order].float(), size=(cell, cell), mode="nearest")
@@ -134,7 +135,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--features", type=int, default=8, help="projections per run, strongest first")
     parser.add_argument("--labels", nargs="+", help="column titles (default: the runs' paths)")
     args = parser.parse_args(argv)
-    path = figure6([args.run_dir, *args.more_runs], args.output, args.layer, args.features, args.labels, dpi=args.dpi)
+    path = figure6(
+        [args.run_dir, *args.more_runs],
+        args.output,
+        args.layer,
+        args.features,
+        args.labels,
+        dpi=args.dpi,
+        name=args.name,
+    )
     print(f"Wrote {path}")
 
 
