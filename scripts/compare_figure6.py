@@ -4,8 +4,8 @@
 
 Prints one Markdown table: per run, at its last firing (or the one after epoch N), the first layer's band
 shares (and the mid share over that of white-noise filters of the same size, since the DFT grid depends on the
-kernel), the largest filter RMS, the dead shares, and the chosen layer's aliasing as logged (on the run's own stride lattice) and
-recomputed on common lattices of period 2 and 4, each beside the white-noise share of that lattice.
+kernel), the largest filter RMS, the dead shares, and the chosen layer's aliasing as logged (on the run's own
+stride lattice) and recomputed on common lattices of period 2 and 4, each beside the white-noise share of that lattice.
 """
 
 from __future__ import annotations
