@@ -127,8 +127,9 @@ class Diagnosis:
     The thresholds are rules of thumb, not the paper's (it looked, it did not measure), except the RMS radius:
 
     * ``mid_min`` 0.2: the first layer's mean mid-band share (between 1/6 and 1/3 cycles per pixel) below
-      this is the paper's "little coverage of the mid frequencies". White-noise filters put about 0.3 there,
-      smooth oriented edges more; 0.2 is two thirds of noise. Remedy: smaller first-layer filters and stride.
+      this is the paper's "little coverage of the mid frequencies". White-noise filters put about 0.3 there
+      (0.33 at 7x7, 0.30 at 11x11), a grating of period between 3 and 6 pixels all; 0.2 is two thirds of noise.
+      Remedy: smaller first-layer filters and stride.
     * ``aliasing_max`` 0.05: a layer's mean share of non-DC projection power on the first convolution's
       stride lattice above this (over ten times white noise's share at 64 px with period 4) is the paper's
       aliasing. Remedy: a smaller first-layer stride.
