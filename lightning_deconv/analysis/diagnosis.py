@@ -139,6 +139,7 @@ class Diagnosis:
       renormalise such filters to 0.1 (:class:`~lightning_deconv.paper.clipping.FilterRMSClip`).
 
     Holds only its thresholds and which warnings it gave (picklable); :meth:`reset` forgets those for a new run.
+    What it gave is not kept in checkpoints: a run resumed from one may say a warning again.
 
     Example::
 
