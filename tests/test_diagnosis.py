@@ -131,3 +131,18 @@ def test_diagnose_false_says_nothing_but_still_measures(tmp_path):
     assert callback.diagnosis is None
     last = torch.load(find_firings(log_dir)[2], weights_only=True)
     assert "deconv/net.0/spectrum/mid" in last["measures"] and "deconv/net.4/aliasing" in last["measures"]
+
+
+def test_the_dashboard_charts_each_layers_aliasing(run):
+    pytest.importorskip("tensorboard")
+    from lightning_deconv.tensorboard.store import read_firing
+    from lightning_deconv.tensorboard.views import _charts
+
+    _, _, log_dir, _ = run
+    paths = find_firings(log_dir)
+    firings = {firing.epoch: (path, firing) for path in paths for firing in [read_firing(path)]}
+    for layer in ("net.2", "net.4"):
+        logged = [torch.load(path, weights_only=True)["measures"][f"deconv/{layer}/aliasing"] for path in paths]
+        assert _charts(firings, layer)["aliasing"] == [
+            [e, pytest.approx(v)] for e, v in zip((1, 2, 3), logged, strict=True)
+        ]

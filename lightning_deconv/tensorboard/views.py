@@ -25,7 +25,7 @@ __all__ = ["IMAGE_KINDS", "STRIP_KINDS", "BadRequest", "NotFound", "Views"]
 
 IMAGE_KINDS = ("crop", "patch", "source", "top_crop", "top_patch")
 STRIP_KINDS = ("crops", "patches")
-CHARTS = ("cka_previous", "cka_last", "dead", "drift", "source_changed")
+CHARTS = ("cka_previous", "cka_last", "dead", "drift", "source_changed", "aliasing")
 _NUMBER = re.compile(r"\d{1,9}")
 
 

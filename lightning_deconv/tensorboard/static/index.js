@@ -238,6 +238,7 @@ class Dashboard {
       lineChart("CKA to last firing", charts.cka_last),
       lineChart("dead share", charts.dead),
       lineChart("drift (1 − cos)", charts.drift),
+      lineChart("aliasing (first conv's stride lattice)", charts.aliasing),
     );
   }
 
