@@ -40,4 +40,4 @@ def probe() -> torch.Tensor:
 
 
 # Scripts run in subprocesses by the DDP tests (Lightning relaunches them): never import them here.
-collect_ignore = ["ddp_fit.py", "ddp_cases.py"]
+collect_ignore = ["ddp_fit.py", "ddp_cases.py", "kill_fit.py"]
