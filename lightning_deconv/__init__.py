@@ -2,31 +2,52 @@
 
 from typing import Any
 
+from lightning_deconv.analysis.diagnosis import Diagnosis
+from lightning_deconv.analysis.invariance import Invariance, invariance
+from lightning_deconv.analysis.occlusion import Occlusion, occlusion
+from lightning_deconv.analysis.settling import linear_cka
 from lightning_deconv.analysis.spectrum import aliasing, filter_spectrum
+from lightning_deconv.analysis.top_k import TopK, load_top_k, merge_top_k, project_top_k, save_top_k, top_k
 from lightning_deconv.engine import Projection, Projector, deconvolve, project
 from lightning_deconv.geometry import ReceptiveField, receptive_field
+from lightning_deconv.record import RecordError, find_firings, read_firings
 from lightning_deconv.render import crop, evolution_grid, normalize, projection_grid, support_boxes
 from lightning_deconv.selection import Maxima, choose_features, find_maxima
 
 __all__ = [
     "PAPER_EPOCHS",
     "DeconvCallback",
+    "Diagnosis",
+    "Invariance",
     "Maxima",
+    "Occlusion",
     "Projection",
     "Projector",
     "ReceptiveField",
+    "RecordError",
+    "TopK",
     "aliasing",
     "choose_features",
     "crop",
     "deconvolve",
     "evolution_grid",
     "filter_spectrum",
+    "find_firings",
     "find_maxima",
+    "invariance",
+    "linear_cka",
+    "load_top_k",
+    "merge_top_k",
     "normalize",
+    "occlusion",
     "project",
+    "project_top_k",
     "projection_grid",
+    "read_firings",
     "receptive_field",
+    "save_top_k",
     "support_boxes",
+    "top_k",
 ]
 __version__ = "0.1.0"
 
