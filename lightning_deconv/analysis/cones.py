@@ -82,6 +82,13 @@ class _Layer:
         return float("-inf") if isinstance(self.module, nn.MaxPool2d) else 0.0
 
 
+def _unit_cost(layer: _Layer) -> int:
+    """A rough cost of one output value per channel: its multiply-accumulates (a convolution) or its window."""
+    if isinstance(layer.module, nn.Conv2d):
+        return _conv_macs(layer.module)
+    return 1 if layer.window is None else layer.window[0][0] * layer.window[0][1]
+
+
 def _conv_macs(module: nn.Conv2d) -> int:
     """Multiply-accumulates per output value of a convolution."""
     return module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
@@ -114,15 +121,17 @@ def cone_rows(first: Tensor, end: Tensor, layer: _Layer, axis: int) -> tuple[Ten
     return low.clamp(min=0), high.clamp(max=layer.out_size[axis])
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Axis:
-    """Per layer along one axis: the rows each position computes (``start``, one ``size`` for all), and the
-    rows that really change (``first``, ``end``): the cone, which the tile size covers."""
+    """Along one axis of one layer's output, the rows ``[first, end)`` each position of the square changes."""
 
-    start: Tensor
-    size: int
     first: Tensor
     end: Tensor
+
+    @property
+    def size(self) -> int:
+        """The largest cone's extent."""
+        return int((self.end - self.first).max())
 
 
 @dataclass
@@ -139,6 +148,7 @@ class Cones:
         macs: multiply-accumulates per image of each ``nn.Conv2d`` and ``nn.Linear`` call in the forward pass,
             in order, with the chain index of the call (``None`` outside the chain).
         stop: why the chain ended (for the warning when it is empty).
+        largest: the most values of one image's output of a module past the chain.
 
     Example::
 
@@ -158,6 +168,7 @@ class Cones:
     maps: list[Tensor] = field(default_factory=list)
     macs: list[tuple[int, int | None]] = field(default_factory=list)
     stop: str = "the forward pass ended"
+    largest: int = 0
     _open: bool = True
     _seen: set[int] = field(default_factory=set)
     _last: object = None
@@ -181,12 +192,14 @@ class Cones:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            if isinstance(output, Tensor) and type(module) in (nn.Conv2d, nn.Linear):
-                per_image = output.numel() // len(self.images)
+            per_image = output.numel() // len(self.images) if isinstance(output, Tensor) else 0
+            if type(module) in (nn.Conv2d, nn.Linear):
                 unit = _conv_macs(module) if type(module) is nn.Conv2d else module.in_features
                 self.macs.append((per_image * unit, None))
             if self._open:
                 self._extend(name, module, inputs[0] if inputs else None, output)
+            if not self._open:
+                self.largest = max(self.largest, per_image)
 
         return hook
 
@@ -219,15 +232,13 @@ class Cones:
         for axis in range(2):
             count = (self.images.shape[2 + axis] - patch) // stride + 1
             first = torch.arange(count, device=self.images.device) * stride
-            current.append(_Axis(first, patch, first, first + patch))
+            current.append(_Axis(first, first + patch))
         axes = []
         for layer in self.layers:
             if layer.window is not None:
                 moved = []
                 for axis, rows in enumerate(current):
-                    first, end = cone_rows(rows.first, rows.end, layer, axis)
-                    size = int((end - first).max())
-                    moved.append(_Axis(first.clamp(max=layer.out_size[axis] - size), size, first, end))
+                    moved.append(_Axis(*cone_rows(rows.first, rows.end, layer, axis)))
                 current = moved
             axes.append(tuple(current))
         return axes
@@ -242,6 +253,20 @@ class Cones:
                 return index + 1
         return end
 
+    def batch_sizes(self, axes: list[tuple[_Axis, _Axis]], switch: int) -> tuple[int, int]:
+        """Occluded images per batch past the switch and per batch of cones: as many as keep each map of the batch
+        within 4M and 2M values (16 and 8 MiB in float32; beyond that, fresh memory costs more than it saves)."""
+        later = max([self.largest, *(self.maps[i][0].numel() for i in range(switch - 1, len(self.layers)))])
+        tile = 1
+        for index, (layer, (rows, cols)) in enumerate(zip(self.layers[:switch], axes, strict=False)):
+            tile = max(tile, layer.out_channels * rows.size * cols.size)
+            if layer.window is not None:
+                extent, stride, _ = layer.window
+                source = self.images if index == 0 else self.maps[index - 1]
+                span = [(n - 1) * s + e for n, s, e in zip((rows.size, cols.size), stride, extent, strict=True)]
+                tile = max(tile, source.shape[1] * span[0] * span[1])
+        return max(1, min(1024, 2**22 // max(1, later))), max(1, 2**21 // tile)
+
     def macs_per_position(self, patch: int, stride: int) -> tuple[int, float]:
         """Multiply-accumulates of ``nn.Conv2d`` and ``nn.Linear`` layers per occluded image: of a full pass, and
         on average over the positions with the exact cones (a convolution past the switch counts in full)."""
@@ -254,7 +279,7 @@ class Cones:
                 cone += macs
                 continue
             layer, (rows, cols) = self.layers[index], axes[index]
-            area = (rows.end - rows.first).double().mean() * (cols.end - cols.first).double().mean()
+            area = (rows.end - rows.first).double().mean() * (cols.end - cols.first).double().mean()  # separable
             cone += float(area) * layer.out_channels * _conv_macs(layer.module)
         return full, cone
 
@@ -268,11 +293,62 @@ class Cones:
                 padded = F.pad(source, (cols, cols, rows, rows), value=layer.pad_value)
                 self._padded[index] = padded.permute(0, 2, 3, 1).contiguous()
 
+    def groups(self, axes: list[tuple[_Axis, _Axis]], switch: int, most: int = 4) -> list[tuple[Tensor, Tensor]]:
+        """Per axis, ``(group [R], extents [G, switch])``: a group for each row (column) of square positions and
+        the tile extents its members share in each layer below ``switch``, as few groups as waste little.
+
+        A group's extent is its members' largest cone, so squares of one group run as one batch; one group
+        for all wastes work where the cones differ (at the borders, or where the square's stride is not a
+        multiple of a layer's). The rows sorted by their cones' cost are cut into at most ``most`` runs, the
+        fewest that cost within 5% of exact cones.
+        """
+        out = []
+        for axis in range(2):
+            other = 1 - axis
+            extents = torch.stack([(a[axis].end - a[axis].first) for a in axes[:switch]], dim=1).cpu()
+            weights = torch.tensor(
+                [
+                    float((a[other].end - a[other].first).double().mean()) * layer.out_channels * _unit_cost(layer)
+                    for layer, a in zip(self.layers[:switch], axes, strict=False)
+                ],
+                dtype=torch.float64,
+            )
+            order = (extents.double() @ weights).argsort()
+            ranked = extents[order]
+
+            def cost(i: int, j: int, ranked: Tensor = ranked, weights: Tensor = weights) -> float:  # rows i..j-1
+                return (j - i) * float(ranked[i:j].amax(dim=0).double() @ weights)
+
+            rows = len(ranked)
+            exact = float((ranked.double() @ weights).sum())
+            best: dict[tuple[int, int], tuple[float, list[int]]] = {(0, 0): (0.0, [])}  # (groups, rows) -> cuts
+            choice = None
+            for groups in range(1, min(most, rows) + 1):
+                for j in range(1, rows + 1):
+                    options = [
+                        (best[groups - 1, i][0] + cost(i, j), [*best[groups - 1, i][1], j])
+                        for i in range(j)
+                        if (groups - 1, i) in best
+                    ]
+                    if options:
+                        best[groups, j] = min(options, key=lambda option: option[0])
+                choice = best[groups, rows][1]
+                if best[groups, rows][0] <= 1.05 * exact:
+                    break
+            group = torch.empty(rows, dtype=torch.long)
+            sizes = []
+            for number, (i, j) in enumerate(zip([0, *choice[:-1]], choice, strict=True)):
+                group[order[i:j]] = number
+                sizes.append(ranked[i:j].amax(dim=0))
+            out.append((group.to(self.images.device), torch.stack(sizes).tolist()))
+        return out
+
     def occluded(
         self,
         image: Tensor,
         row: Tensor,
         col: Tensor,
+        extents: tuple[list[int], list[int]],
         patch: int,
         stride: int,
         fill: float,
@@ -281,30 +357,29 @@ class Cones:
         tracked: tuple[int, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The output of chain layer ``switch - 1`` for the ``patch`` square of ``fill`` at map cell ``(row, col)``
-        (top-left pixel ``(row * stride, col * stride)``) of image ``image``
-        (all ``[B]``), computed on cones from :meth:`prepare`'s maps; with ``tracked = (index, channels [B])``
-        also the summed map of ``channels`` of layer ``index`` (below ``switch``).
+        (top-left pixel ``(row * stride, col * stride)``) of image ``image`` (all ``[B]``), computed on cones
+        from :meth:`prepare`'s maps, with the tile ``extents`` (rows, columns) of one group of :meth:`groups`;
+        with ``tracked = (index, channels [B])`` also the summed map of ``channels`` of layer ``index``.
 
         Returns:
             ``(maps [B, C, H, W], feature [B] or None)``.
         """
         images = self.images
-        size = (len(image), images.shape[1], patch, patch)
-        occluded = torch.full(size, fill, dtype=images.dtype, device=images.device)
-        occluded = occluded.contiguous(memory_format=torch.channels_last)
+        size = (len(image), patch, patch, images.shape[1])
+        occluded = torch.full(size, fill, dtype=images.dtype, device=images.device).permute(0, 3, 1, 2)
         at, feature = (row * stride, col * stride), None
         for index, layer in enumerate(self.layers[:switch]):
             if layer.window is not None:
-                extent, stride, padding = layer.window
-                out_rows, out_cols = axes[index]
-                starts = (out_rows.start[row], out_cols.start[col])
-                span = [(n - 1) * s + e for n, s, e in zip((out_rows.size, out_cols.size), stride, extent, strict=True)]
-                lines = [
-                    start[:, None] * step + torch.arange(length, device=start.device)
-                    for start, step, length in zip(starts, stride, span, strict=True)
-                ]
-                shifted = (at[0] + padding[0], at[1] + padding[1])
-                occluded = layer.run(overlay(self._padded[index], image, lines[0], lines[1], occluded, shifted))
+                extent, steps, padding = layer.window
+                sizes = (extents[0][index], extents[1][index])
+                starts = tuple(
+                    axes[index][axis].first[cell].clamp(max=layer.out_size[axis] - sizes[axis])
+                    for axis, cell in enumerate((row, col))
+                )
+                shape = [(n - 1) * s + k for n, s, k in zip(sizes, steps, extent, strict=True)]
+                tile = _tile(self._padded[index], image, starts[0] * steps[0], starts[1] * steps[1], shape)
+                offset = [a + p - t * s for a, p, t, s in zip(at, padding, starts, steps, strict=True)]
+                occluded = layer.run(_paste(tile, occluded, offset))
                 at = starts
             else:
                 occluded = layer.run(occluded)
@@ -316,19 +391,18 @@ class Cones:
 
     def _whole(self, index: int, image: Tensor, occluded: Tensor, at: tuple[Tensor, Tensor]) -> Tensor:
         """The full output maps of chain layer ``index``: the unoccluded ones with ``occluded`` written at ``at``."""
-        cached = self.maps[index]
-        lines = [torch.arange(n, device=cached.device).expand(len(image), n) for n in cached.shape[-2:]]
-        return overlay(cached.permute(0, 2, 3, 1), image, lines[0], lines[1], occluded, at)
+        maps = self.maps[index][image]
+        _write(maps.permute(0, 2, 3, 1), occluded.permute(0, 2, 3, 1), at)
+        return maps
 
     def _total(
         self, index: int, image: Tensor, occluded: Tensor, at: tuple[Tensor, Tensor], channels: Tensor
     ) -> Tensor:
         """``[B]`` the summed full map of ``channels`` of chain layer ``index``, with ``occluded`` written at ``at``."""
         batch = torch.arange(len(image), device=image.device)
-        cached = self.maps[index][image, channels][..., None]  # [B, H, W, 1]
-        lines = [torch.arange(n, device=cached.device).expand(len(image), n) for n in cached.shape[1:3]]
-        maps = overlay(cached, batch, lines[0], lines[1], occluded[batch, channels][:, None], at)
-        return maps.sum(dim=(1, 2, 3))
+        maps = self.maps[index][image, channels]  # [B, H, W]
+        _write(maps[..., None], occluded[batch, channels][..., None], at)
+        return maps.sum(dim=(1, 2))
 
     @contextlib.contextmanager
     def answering(self, switch: int, maps: list[Tensor]) -> Iterator[None]:
@@ -347,20 +421,32 @@ class Cones:
                     module.forward = forward
 
 
-def overlay(
-    cached: Tensor, image: Tensor, rows: Tensor, cols: Tensor, patch: Tensor, at: tuple[Tensor, Tensor]
-) -> Tensor:
-    """Tiles ``[B, C, h, w]`` (channels-last) of the occluded maps: rows ``rows [B, h]`` and columns
-    ``cols [B, w]`` of ``cached [N, H, W, C]`` (channels last) for image ``image [B]``, with the values of
-    ``patch [B, C, ph, pw]``, whose top-left corner is at ``at`` in the same coordinates, written over them."""
-    base = cached[image[:, None, None], rows[:, :, None], cols[:, None, :]]
-    local_rows, local_cols = rows - at[0][:, None], cols - at[1][:, None]
-    height, width = patch.shape[-2:]
-    inside = ((local_rows >= 0) & (local_rows < height))[:, :, None] & ((local_cols >= 0) & (local_cols < width))[
-        :, None
-    ]
-    batch = torch.arange(len(patch), device=patch.device)[:, None, None]
-    new = patch.permute(0, 2, 3, 1)[
-        batch, local_rows.clamp(0, height - 1)[:, :, None], local_cols.clamp(0, width - 1)[:, None]
-    ]
-    return torch.where(inside[..., None], new, base).permute(0, 3, 1, 2)
+def _tile(cached: Tensor, image: Tensor, top: Tensor, left: Tensor, shape: list[int]) -> Tensor:
+    """``[B, h, w, C]``: the ``shape`` boxes of ``cached [N, H, W, C]`` at ``(top, left)`` of ``image`` (each
+    ``[B]``)."""
+    windows = cached.unfold(1, shape[0], 1).unfold(2, shape[1], 1)  # [N, H - h + 1, W - w + 1, C, h, w], a view
+    return windows.permute(0, 1, 2, 4, 5, 3)[image, top, left]
+
+
+def _paste(tile: Tensor, occluded: Tensor, offset: list[Tensor]) -> Tensor:
+    """``tile [B, h, w, C]`` with ``occluded [B, C, ph, pw]`` written over it at ``offset`` (each ``[B]``), as a
+    channels-last ``[B, C, h, w]``. Parts of ``occluded`` outside the tile (never read there) are dropped."""
+    source = occluded.permute(0, 2, 3, 1)
+    before = [int((-shift).clamp(min=0).max()) for shift in offset]
+    sizes = zip(offset, source.shape[1:3], tile.shape[1:3], strict=True)
+    after = [int((shift + n - t).clamp(min=0).max()) for shift, n, t in sizes]
+    if any(before) or any(after):  # write into a larger canvas, then cut the tile out of it
+        height, width = tile.shape[1:3]
+        canvas = tile.new_empty((len(tile), height + before[0] + after[0], width + before[1] + after[1], tile.shape[3]))
+        tile = canvas[:, before[0] : before[0] + height, before[1] : before[1] + width].copy_(tile)
+        _write(canvas, source, (offset[0] + before[0], offset[1] + before[1]))
+    else:
+        _write(tile, source, offset)
+    return tile.permute(0, 3, 1, 2)
+
+
+def _write(maps: Tensor, occluded: Tensor, at: tuple[Tensor, Tensor]) -> None:
+    """Write ``occluded [B, h, w, C]`` into ``maps [B, H, W, C]`` with its top-left corner at ``at`` (each ``[B]``)."""
+    windows = maps.unfold(1, occluded.shape[1], 1).unfold(2, occluded.shape[2], 1)  # [B, ., ., C, h, w], a view
+    batch = torch.arange(len(maps), device=maps.device)
+    windows[batch, at[0], at[1]] = occluded.permute(0, 3, 1, 2)

@@ -146,7 +146,8 @@ def occlusion(
 
         probability, label, feature = [], [], []
         grid = torch.arange(max(height, width), device=x.device)
-        for flat in torch.arange(n * positions, device=x.device).split(batch_size or default_batch_size(images)):
+        batch_size = batch_size or (plan.batch_size if plan is not None else default_batch_size(images))
+        for flat in torch.arange(n * positions, device=x.device).split(batch_size):
             image, position = flat // positions, flat % positions
             total = partial(_channel_total, channel[image]) if channel is not None else _feature_map
             if plan is not None:
@@ -195,6 +196,9 @@ class _Incremental:
     name: str | None
     later: dict[str, nn.Module]  # the tracked layer, where it lies past the switch
     fast: FastCPUOps
+    groups: list[tuple[Tensor, list]]  # per axis: the group of each row (column) of positions, their extents
+    batch_size: int  # occluded images per batch
+    inner: int  # occluded images per batch of cones
 
     def blank(self, count: int) -> Tensor:
         """Input for the forward past the switch: none of it is read (checked), so NaN, to show if it were."""
@@ -214,11 +218,33 @@ class _Incremental:
         classify: bool,
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         """What :func:`run_layers` gives for the occluded images (image, map cell) of one batch."""
-        tracked = (self.tracked, channel[image]) if self.tracked is not None else None
+        (row_group, row_extents), (col_group, col_extents) = self.groups
+        key = row_group[row] * len(col_extents) + col_group[col]
+        maps, feature = None, None
         with self.fast:
-            maps, feature = self.cones.occluded(
-                image, row, col, self.patch, self.stride, fill, self.axes, self.switch, tracked
-            )
+            groups = [members for group in key.unique() for members in (key == group).nonzero()[:, 0].split(self.inner)]
+            for members in groups:
+                tracked = (self.tracked, channel[image[members]]) if self.tracked is not None else None
+                number = int(key[members[0]])
+                extents = (row_extents[number // len(col_extents)], col_extents[number % len(col_extents)])
+                part, total_part = self.cones.occluded(
+                    image[members],
+                    row[members],
+                    col[members],
+                    extents,
+                    self.patch,
+                    self.stride,
+                    fill,
+                    self.axes,
+                    self.switch,
+                    tracked,
+                )
+                if maps is None:
+                    maps = part.new_empty((len(image), *part.shape[1:])).contiguous(memory_format=torch.channels_last)
+                    feature = part.new_empty(len(image)) if total_part is not None else None
+                maps[members] = part
+                if feature is not None:
+                    feature[members] = total_part
             sums, out = {}, None
             if classify or self.later:
                 with self.cones.answering(self.switch, [maps]):
@@ -253,7 +279,8 @@ def _plan(
         return None
     tracked = index if index is not None and index < switch else None
     later = {} if tracked is not None else modules
-    plan = _Incremental(model, cones, axes, switch, patch, stride, tracked, name, later, fast)
+    groups, sizes = cones.groups(axes, switch), cones.batch_sizes(axes, switch)
+    plan = _Incremental(model, cones, axes, switch, patch, stride, tracked, name, later, fast, groups, *sizes)
     if logits is not None or later:
         # The forward past the switch, fed the unoccluded maps there and a NaN image, must give the unoccluded pass.
         try:
