@@ -159,8 +159,8 @@ class Cones:
         >>> [type(layer.module).__name__ for layer in cones.layers], cones.stop
         (['Conv2d', 'ReLU', 'MaxPool2d'], "'3' (Flatten) is not a convolution, pooling or point-wise layer")
         >>> full, cone = cones.macs_per_position(patch=2, stride=2)
-        >>> full, cone  # conv: 8*8*4 outputs x 27 MACs, linear 64*2; cones of the conv: 4x4 units, fewer at borders
-        (7040, 1556.0)
+        >>> full, cone  # conv 8*8*4 outputs x 27 MACs + linear 64*2; the conv's cones: 3.5x3.5 units on average
+        (7040, 1451.0)
     """
 
     images: Tensor
