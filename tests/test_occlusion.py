@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,108 @@ def test_occlusion_zfnet_float32():
     probability, label, feature = brute_force(model, images, 16, 12, 0.0, model.features.pool5)
     assert rel_err(got.probability, probability) < 1e-5
     assert rel_err(got.feature, feature) < 1e-5
+    assert torch.equal(got.label, label)
+
+
+# ---------------------------------------------------------------------------------------------- incremental
+
+
+class AlexNetLike(nn.Module):
+    """AlexNet's shape in small (11x11/4 conv, overlapping pools, grouped and dilated convs, adaptive pooling),
+    with the ReLU after conv2 written as a functional op in ``forward``."""
+
+    def __init__(self, functional_start: bool = False, skip: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.functional_start, self.skip = functional_start, skip
+        self.conv1 = nn.Conv2d(3, 8, 11, stride=4, padding=2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.pool1 = nn.MaxPool2d(3, stride=2)
+        self.conv2 = nn.Conv2d(8, 12, 5, padding=2, groups=2)
+        self.pool2 = nn.AvgPool2d(3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(12, 12, 3, padding=2, dilation=2)
+        self.relu3 = nn.ReLU()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(108, 6))
+        with torch.no_grad():  # a head that tells the occluded images apart: blind to a uniform response
+            weight = self.head[2].weight
+            weight.sub_(weight.mean(dim=1, keepdim=True)).mul_(100)
+            self.head[2].bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.functional_start:
+            x = x.flip(-1)  # a functional op before the first layer: no cone can be traced
+        pooled = self.pool1(self.relu1(self.conv1(x)))
+        x = self.conv2(pooled)
+        x = self.pool2(F.relu(x))  # functional: the traced chain ends at conv2
+        y = self.relu3(self.conv3(x))
+        return self.head(y * pooled.mean(dim=(1, 2, 3), keepdim=True) if self.skip else y)
+
+
+def test_cones_of_the_chain():
+    """The chain, the cones and the MAC count on a net small enough to count by hand."""
+    from lightning_deconv.analysis.cones import Cones
+
+    net = AlexNetLike().double().eval()
+    with torch.no_grad(), Cones.recording(net, torch.rand(1, 3, 67, 67, dtype=torch.float64)) as cones:
+        net(cones.images)
+    assert [layer.module for layer in cones.layers] == [net.conv1, net.relu1, net.pool1, net.conv2]
+    assert "does not take the previous layer's output" in cones.stop and "pool2" in cones.stop
+    axes = cones.axes(patch=12, stride=11)  # squares at 0, 11, ..., 55 on a 67 px image
+    rows = axes[0][0]  # conv1 (11/4, pad 2), 16x16 map: unit o reads 4o-2 .. 4o+8
+    assert rows.first.tolist() == [0, 1, 4, 7, 9, 12] and rows.end.tolist() == [4, 7, 9, 12, 15, 16]
+    pool = axes[2][0]  # pool1 (3/2) on 16 -> 7
+    assert pool.first.tolist() == [0, 0, 1, 3, 4, 5] and pool.end.tolist() == [2, 4, 5, 6, 7, 7]
+    full, cone = cones.macs_per_position(12, 11)
+    conv1, conv2, conv3, linear = 16 * 16 * 8 * 363, 7 * 7 * 12 * 100, 4 * 4 * 12 * 108, 108 * 6
+    assert full == conv1 + conv2 + conv3 + linear
+    extent = [e - f for f, e in zip(rows.first.tolist(), rows.end.tolist(), strict=True)]
+    conv2_rows = axes[3][0]
+    extent2 = (conv2_rows.end - conv2_rows.first).double().mean().item()
+    want = (sum(extent) / 6) ** 2 * 8 * 363 + extent2**2 * 12 * 100 + conv3 + linear
+    assert cone == pytest.approx(want)
+
+
+@pytest.mark.parametrize(("patch", "stride", "layer"), [(12, 11, "relu1"), (9, 5, "conv3"), (20, 7, "pool1")])
+def test_incremental_alexnet_like(patch, stride, layer):
+    net = AlexNetLike().double().eval()
+    images = torch.randn(2, 3, 67, 71, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cones can be traced: no fallback
+        got = occlusion(net, images, patch, stride, fill=0.3, layer=layer, batch_size=13)
+    probability, label, feature = brute_force(net, images, patch, stride, 0.3, getattr(net, layer))
+    assert rel_err(got.probability, probability) < 1e-5 and rel_err(got.feature, feature) < 1e-5
+    assert torch.equal(got.label, label) and (label != label.flatten()[0]).any()
+    alone = occlusion(net, images, patch, stride, fill=0.3, layer=layer, classify=False)
+    assert rel_err(alone.feature, feature) < 1e-5
+
+
+@pytest.mark.parametrize(("patch", "stride"), [(16, 12), (10, 6), (24, 8)])
+def test_incremental_zfnet(patch, stride):
+    """ZFNet's shape in float32 (LRN, overlapping pools, stride-2 convs): the cones reach pool2's whole map."""
+    torch.manual_seed(0)
+    model = ZFNet(num_classes=10, width=0.125, input_size=64).eval()
+    with torch.no_grad():
+        model.classifier.fc8.weight.mul_(50)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for layer in ("features.relu1", "features.conv3"):
+        got = occlusion(model, images, patch, stride, layer=layer)
+        probability, label, feature = brute_force(model, images, patch, stride, 0.0, model.get_submodule(layer))
+        assert rel_err(got.probability, probability) < 1e-5 and rel_err(got.feature, feature) < 1e-5
+        assert torch.equal(got.label, label)
+
+
+@pytest.mark.parametrize("case", ["functional_start", "skip"])
+def test_incremental_falls_back_with_one_warning(case):
+    """A functional op before the first layer (no cone), or a skip connection reading the output of a traced
+    layer below the switch (caught by the check of the forward from the switch): full passes, one warning."""
+    net = AlexNetLike(**{case: True}).double().eval()
+    images = torch.randn(2, 3, 67, 67, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = occlusion(net, images, 12, 11, layer="conv1")
+    assert len(caught) == 1 and "whole model" in str(caught[0].message)
+    probability, label, feature = brute_force(net, images, 12, 11, 0.0, net.conv1)
+    assert rel_err(got.probability, probability) < 1e-5 and rel_err(got.feature, feature) < 1e-5
     assert torch.equal(got.label, label)
 
 

@@ -13,6 +13,8 @@ that is only wanted for the feature map stops at that layer.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_deconv.analysis.cones import Cones
 from lightning_deconv.kernels import FastCPUOps
 from lightning_deconv.layers import check_images, eval_mode, resolve_layers, run_until
 
@@ -74,6 +77,7 @@ def occlusion(
     targets: Sequence[int] | Tensor | None = None,
     batch_size: int | None = None,
     classify: bool = True,
+    incremental: bool = True,
 ) -> Occlusion:
     """Slide a ``patch`` x ``patch`` square of ``fill`` over each image and map the model's response.
 
@@ -93,6 +97,9 @@ def occlusion(
         batch_size: occluded images per forward pass (default: :func:`default_batch_size`).
         classify: map ``probability`` and ``label``; with ``classify=False`` (and a ``layer``) each forward
             stops at ``layer``.
+        incremental: compute each occluded pass only inside the square's cone, from the unoccluded pass's
+            maps, as far as the cone can be traced (:mod:`~lightning_deconv.analysis.cones`); ``False`` runs
+            every occluded image through the whole model. Both give the same maps (to float rounding).
 
     Returns:
         An :class:`Occlusion`; its tensors are on the model's device.
@@ -127,23 +134,32 @@ def occlusion(
     with torch.no_grad(), eval_mode(model):
         fast = FastCPUOps(reference.device)  # one for all batches: it lays the filters out once
         x = fast.prepare(images.detach().to(reference.device, reference.dtype))
-        with fast:
+        with fast, Cones.recording(model, x) if incremental else contextlib.nullcontext() as cones:
             peaks, logits = run_layers(model, x, modules, _channel_peaks, classify)
         channel = peaks[name].argmax(dim=1) if name is not None else None
         target = check_targets(targets, logits, n) if classify else None
+        plan = (
+            _plan(model, cones, modules, peaks, logits if classify else None, patch, stride, fast)
+            if incremental
+            else None
+        )
 
         probability, label, feature = [], [], []
         grid = torch.arange(max(height, width), device=x.device)
-        for flat in torch.arange(n * positions, device=x.device).split(batch_size or default_batch_size(images)):
+        batch_size = batch_size or (plan.batch_size if plan is not None else default_batch_size(images))
+        for flat in torch.arange(n * positions, device=x.device).split(batch_size):
             image, position = flat // positions, flat % positions
-            top, left = (position // cols) * stride, (position % cols) * stride
-            # One masked write puts every square into its copy of the image (copies keep channels-last).
-            in_rows = (grid[:height] >= top[:, None]) & (grid[:height] < top[:, None] + patch)
-            in_cols = (grid[:width] >= left[:, None]) & (grid[:width] < left[:, None] + patch)
-            batch = x[image].masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], fill)
             total = partial(_channel_total, channel[image]) if channel is not None else _feature_map
-            with fast:
-                sums, out = run_layers(model, batch, modules, total, classify)
+            if plan is not None:
+                sums, out = plan.run(image, position // cols, position % cols, fill, channel, total, classify)
+            else:
+                top, left = (position // cols) * stride, (position % cols) * stride
+                # One masked write puts every square into its copy of the image (copies keep channels-last).
+                in_rows = (grid[:height] >= top[:, None]) & (grid[:height] < top[:, None] + patch)
+                in_cols = (grid[:width] >= left[:, None]) & (grid[:width] < left[:, None] + patch)
+                batch = x[image].masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], fill)
+                with fast:
+                    sums, out = run_layers(model, batch, modules, total, classify)
             if name is not None:
                 feature.append(sums[name])
             if classify:
@@ -164,6 +180,129 @@ def occlusion(
         stride=stride,
         fill=float(fill),
     )
+
+
+@dataclass
+class _Incremental:
+    """Occluded passes on cones up to chain layer ``switch``, then the model's own forward from there."""
+
+    model: nn.Module
+    cones: Cones
+    axes: list
+    switch: int
+    patch: int
+    stride: int
+    tracked: int | None  # chain index of the tracked layer, where it lies below the switch
+    name: str | None
+    later: dict[str, nn.Module]  # the tracked layer, where it lies past the switch
+    fast: FastCPUOps
+    groups: list[tuple[Tensor, list]]  # per axis: the group of each row (column) of positions, their extents
+    batch_size: int  # occluded images per batch
+    inner: int  # occluded images per batch of cones
+
+    def blank(self, count: int) -> Tensor:
+        """Input for the forward past the switch: none of it is read (checked), so NaN, to show if it were."""
+        images = self.cones.images
+        return torch.full((1, *images.shape[1:]), float("nan"), dtype=images.dtype, device=images.device).expand(
+            count, -1, -1, -1
+        )
+
+    def run(
+        self,
+        image: Tensor,
+        row: Tensor,
+        col: Tensor,
+        fill: float,
+        channel: Tensor | None,
+        total: Callable[[str, Tensor], Tensor],
+        classify: bool,
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """What :func:`run_layers` gives for the occluded images (image, map cell) of one batch."""
+        (row_group, row_extents), (col_group, col_extents) = self.groups
+        key = row_group[row] * len(col_extents) + col_group[col]
+        maps, feature = None, None
+        with self.fast:
+            groups = [members for group in key.unique() for members in (key == group).nonzero()[:, 0].split(self.inner)]
+            for members in groups:
+                tracked = (self.tracked, channel[image[members]]) if self.tracked is not None else None
+                number = int(key[members[0]])
+                extents = (row_extents[number // len(col_extents)], col_extents[number % len(col_extents)])
+                part, total_part = self.cones.occluded(
+                    image[members],
+                    row[members],
+                    col[members],
+                    extents,
+                    self.patch,
+                    self.stride,
+                    fill,
+                    self.axes,
+                    self.switch,
+                    tracked,
+                )
+                if maps is None:
+                    maps = part.new_empty((len(image), *part.shape[1:])).contiguous(memory_format=torch.channels_last)
+                    feature = part.new_empty(len(image)) if total_part is not None else None
+                maps[members] = part
+                if feature is not None:
+                    feature[members] = total_part
+            sums, out = {}, None
+            if classify or self.later:
+                with self.cones.answering(self.switch, [maps]):
+                    sums, out = run_layers(self.model, self.blank(len(image)), self.later, total, classify)
+        if feature is not None:
+            sums[self.name] = feature
+        return sums, out
+
+
+def _plan(
+    model: nn.Module,
+    cones: Cones,
+    modules: dict[str, nn.Module],
+    peaks: dict[str, Tensor],
+    logits: Tensor | None,
+    patch: int,
+    stride: int,
+    fast: FastCPUOps,
+) -> _Incremental | None:
+    """The incremental plan for one square and stride, or ``None`` (with a warning) where no cone can be traced
+    or the model's forward past the switch reads more than the chain's output."""
+    name = next(iter(modules), None)
+    index = next((i for i, layer in enumerate(cones.layers) if name and layer.module is modules[name]), None)
+    axes = cones.axes(patch, stride)
+    switch = cones.switch(axes, last=index if logits is None else None)
+    if switch == 0:
+        warnings.warn(
+            f"occlusion runs every occluded image through the whole model: the square's cone cannot be traced "
+            f"from the input, since {cones.stop}. Results are exact; only slower.",
+            stacklevel=3,
+        )
+        return None
+    tracked = index if index is not None and index < switch else None
+    later = {} if tracked is not None else modules
+    groups, sizes = cones.groups(axes, switch), cones.batch_sizes(axes, switch)
+    plan = _Incremental(model, cones, axes, switch, patch, stride, tracked, name, later, fast, groups, *sizes)
+    if logits is not None or later:
+        # The forward past the switch, fed the unoccluded maps there and a NaN image, must give the unoccluded pass.
+        try:
+            with fast, cones.answering(switch, [cones.maps[switch - 1].clone()]):
+                check, out = run_layers(model, plan.blank(len(cones.images)), later, _channel_peaks, logits is not None)
+            same = all(_close(check[k], peaks[k]) for k in check) and (out is None or _close(out, logits))
+        except (RuntimeError, ValueError):
+            same = False
+        if not same:
+            warnings.warn(
+                "occlusion runs every occluded image through the whole model: its forward past the traced "
+                f"layers ({cones.layers[switch - 1].module}) reads more than their output (a skip connection or "
+                "a reused input?). Results are exact; only slower.",
+                stacklevel=3,
+            )
+            return None
+    cones.prepare(switch)
+    return plan
+
+
+def _close(got: Tensor, want: Tensor) -> bool:
+    return bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max())))
 
 
 def default_batch_size(images: Tensor) -> int:
