@@ -133,7 +133,7 @@ def test_diagnose_false_says_nothing_but_still_measures(tmp_path):
     assert "deconv/net.0/spectrum/mid" in last["measures"] and "deconv/net.4/aliasing" in last["measures"]
 
 
-def test_the_dashboard_charts_each_layers_aliasing(run):
+def test_the_dashboard_charts_each_layers_aliasing_and_the_first_layer_spectrum(run):
     pytest.importorskip("tensorboard")
     from lightning_deconv.tensorboard.store import read_firing
     from lightning_deconv.tensorboard.views import _charts
@@ -146,3 +146,9 @@ def test_the_dashboard_charts_each_layers_aliasing(run):
         assert _charts(firings, layer)["aliasing"] == [
             [e, pytest.approx(v)] for e, v in zip((1, 2, 3), logged, strict=True)
         ]
+        for band in ("low", "mid", "high"):  # the first conv's spectrum, beside every layer's charts
+            key = f"deconv/net.0/spectrum/{band}"
+            logged = [torch.load(path, weights_only=True)["measures"][key] for path in paths]
+            assert _charts(firings, layer)[f"spectrum_{band}"] == [
+                [e, pytest.approx(v)] for e, v in zip((1, 2, 3), logged, strict=True)
+            ]

@@ -26,6 +26,7 @@ __all__ = ["IMAGE_KINDS", "STRIP_KINDS", "BadRequest", "NotFound", "Views"]
 IMAGE_KINDS = ("crop", "patch", "source", "top_crop", "top_patch")
 STRIP_KINDS = ("crops", "patches")
 CHARTS = ("cka_previous", "cka_last", "dead", "drift", "source_changed", "aliasing")
+BANDS = ("low", "mid", "high")  # the first conv's spectrum (Fig. 6), one run-level chart per band
 _NUMBER = re.compile(r"\d{1,9}")
 
 
@@ -289,15 +290,19 @@ class Views:
 
 
 def _charts(firings: dict[int, tuple[Path, Firing]], layer: str) -> dict[str, list[list]]:
-    """Per chart, ``[[epoch, value], ...]``: the callback's measures of ``layer`` and the CKA of every firing
-    to the last one (from the saved Gram matrices)."""
-    charts: dict[str, list[list]] = {name: [] for name in CHARTS}
+    """Per chart, ``[[epoch, value], ...]``: the callback's measures of ``layer``, the CKA of every firing to the
+    last one (from the saved Gram matrices) and the first conv's spectral band shares (Fig. 6)."""
+    charts: dict[str, list[list]] = {name: [] for name in (*CHARTS, *(f"spectrum_{b}" for b in BANDS))}
     last = firings[max(firings)][1].layers[layer].gram
     for epoch, (_, firing) in firings.items():
         for name in CHARTS:
             value = firing.measures.get(f"deconv/{layer}/{name}")
             if value is not None:
                 charts[name].append([epoch, value])
+        for band in BANDS:  # the run's first conv, whatever its name
+            value = next((v for k, v in firing.measures.items() if k.endswith(f"/spectrum/{band}")), None)
+            if value is not None:
+                charts[f"spectrum_{band}"].append([epoch, value])
         gram = firing.layers[layer].gram
         if gram is not None and last is not None and gram.shape == last.shape:
             cka = cka_from_grams(gram, last)

@@ -239,6 +239,9 @@ class Dashboard {
       lineChart("dead share", charts.dead),
       lineChart("drift (1 − cos)", charts.drift),
       lineChart("aliasing (first conv's stride lattice)", charts.aliasing),
+      lineChart("first-layer filters: low band", charts.spectrum_low),
+      lineChart("first-layer filters: mid band", charts.spectrum_mid),
+      lineChart("first-layer filters: high band", charts.spectrum_high),
     );
   }
 
