@@ -38,6 +38,7 @@ from lightning_deconv.analysis.diagnosis import Diagnosis, FiringMeasures, cumul
 from lightning_deconv.analysis.occlusion import occlusion
 from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift, feature_marks
 from lightning_deconv.analysis.top_k import TopK, merge_top_k, project_top_k, save_top_k, top_k
+from lightning_deconv.checks import check_int
 from lightning_deconv.engine import Projection, Projector, check_rule_and_mode
 from lightning_deconv.layers import check_images, layer_name, named_layers
 from lightning_deconv.probe import draw_probe, untouched_rng
@@ -67,13 +68,6 @@ def _normalise_epochs(epochs: Sequence[int]) -> tuple[int, ...]:
             f"`epochs` must be positive integers counted from 1 (epoch 1 = after the first pass); got {epochs!r}."
         )
     return tuple(sorted(set(epochs)))
-
-
-def _check_int(value: Any, label: str, minimum: int | None = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{label}` must be an integer, got {type(value).__name__} {value!r}.")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{label}` must be at least {minimum}, got {value}.")
 
 
 class DeconvCallback(*callback_bases()):
@@ -192,13 +186,12 @@ class DeconvCallback(*callback_bases()):
         if features is not None and (not features or any(len(c) == 0 for c in features.values())):
             raise ValueError("`features` must map each layer name to a non-empty list of channels.")
         for value, label in ((probe_size, "probe_size"), (features_per_layer, "features_per_layer")):
-            _check_int(value, label)
-        _check_int(batch_size, "batch_size")
-        _check_int(occlusion, "occlusion", minimum=0)
-        _check_int(top_k, "top_k", minimum=0)
-        if top_k_batches is not None:
-            _check_int(top_k_batches, "top_k_batches")
-        _check_int(seed, "seed", minimum=None)
+            check_int(value, label)
+        check_int(batch_size, "batch_size")
+        check_int(occlusion, "occlusion", minimum=0)
+        check_int(top_k, "top_k", minimum=0)
+        check_int(top_k_batches, "top_k_batches", optional=True)
+        check_int(seed, "seed", minimum=None)
         check_rule_and_mode(rule, mode, crop)
         if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
             raise ValueError(

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_deconv.batches import images_in
+from lightning_deconv.checks import check_int
 
 __all__ = ["draw_probe", "untouched_rng"]
 
@@ -109,8 +110,7 @@ def draw_probe(
         >>> draw_probe(data, 4, seed=0).shape
         torch.Size([4, 3, 8, 8])
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"The probe needs a positive integer number of images, got {count!r}.")
+    check_int(count, "count")
     with untouched_rng():
         if isinstance(data, Tensor):
             images = _from_items(data, count, seed, key)

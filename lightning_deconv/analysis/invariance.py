@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from lightning_deconv.analysis.occlusion import check_targets, default_batch_size, probabilities, run_layers
+from lightning_deconv.checks import check_int
 from lightning_deconv.kernels import FastCPUOps
 from lightning_deconv.layers import check_images, eval_mode, resolve_layers
 
@@ -145,8 +146,7 @@ def invariance(
         raise ValueError(f"Scale factors must be positive, got {steps.tolist()}.")
     if not layers:
         raise ValueError("Give at least one layer whose features to compare.")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"`batch_size` must be at least 1 (or None for the default), got {batch_size}.")
+    check_int(batch_size, "batch_size", optional=True)
     modules = resolve_layers(model, layers)
     reference = next(model.parameters(), images)
     n = len(images)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_deconv.analysis.cones import Cones
+from lightning_deconv.checks import check_int
 from lightning_deconv.kernels import FastCPUOps
 from lightning_deconv.layers import check_images, eval_mode, resolve_layers, run_until
 
@@ -119,8 +120,7 @@ def occlusion(
     check_images(model, images)
     height, width = images.shape[-2:]
     _check_square(patch, stride, height, width)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"`batch_size` must be at least 1 (or None for the default), got {batch_size}.")
+    check_int(batch_size, "batch_size", optional=True)
     if not classify and layer is None:
         raise ValueError("Nothing to compute: with `classify=False`, give a `layer` whose feature map to track.")
     if not classify and targets is not None:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_deconv.batches import image_batches, images_in
+from lightning_deconv.checks import check_int
 from lightning_deconv.engine import Projection, Projector, Rule
 from lightning_deconv.kernels import FastCPUOps
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
@@ -227,8 +228,7 @@ def top_k(
         (torch.Size([2, 4]), torch.Size([1, 4, 2]), torch.Size([1, 4, 2]))
     """
     for value, label in ((k, "k"), (batch_size, "batch_size"), (max_batches, "max_batches")):
-        if value is not None and value < 1:
-            raise ValueError(f"`{label}` must be at least 1, got {value}.")
+        check_int(value, label, optional=True)
     model = uncompiled(model)  # hooks must see every op: compiled code runs eagerly here
     modules, channels = resolve_features(model, layers)
     scan = _RunningTopK(modules, channels, k, _keeps_images(data) if keep_images is None else keep_images)
