@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from test_compat import Classifier, FunctionalPooling, RectifiedFunctionalPooling, images
+from helpers import Classifier, FunctionalPooling, RectifiedFunctionalPooling, images
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deconv import DeconvCallback

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
+from helpers import dataset, module_class
 from lightning.pytorch.loggers import TensorBoardLogger
-from tiny import dataset, module_class
 
 from lightning_deconv import DeconvCallback
 

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as L
+from helpers import dataset, module_class
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from tiny import dataset, module_class
 
 import lightning_deconv.record as record
 from lightning_deconv import DeconvCallback

@@ -12,9 +12,9 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers import dataset, module_class
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from tiny import dataset, module_class
 
 from lightning_deconv import DeconvCallback, deconvolve, evolution_grid
 

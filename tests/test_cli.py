@@ -90,7 +90,7 @@ def test_alexnet_stem_config_builds_alexnets_first_layer_with_valid_maps():
 def _tiny_run(tmp_path: Path, seed: int) -> Path:
     import lightning.pytorch as L
     from lightning.pytorch.loggers import CSVLogger
-    from tiny import dataset, module_class
+    from helpers import dataset, module_class
 
     L.seed_everything(seed, verbose=False)
     trainer = L.Trainer(

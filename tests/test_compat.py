@@ -15,18 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from tiny import tiny_net
+from helpers import Classifier, FunctionalPooling, fit, images, tiny_net
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from lightning_deconv import DeconvCallback
 
 EPOCHS = (1, 2)
-
-
-def images(n: int = 24, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
 class DictItems(Dataset):
@@ -48,87 +43,6 @@ class Stream(IterableDataset):
 
     def __iter__(self):
         return iter(zip(self.x, self.y, strict=True))
-
-
-def _image_and_label(batch):
-    return (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
-
-
-class FunctionalPooling(nn.Module):
-    """A max-pooling called functionally: the module trace cannot see it, so fields are unknown."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(6, 4, 3, stride=2, padding=1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        return self.relu(self.conv2(F.max_pool2d(self.conv1(x), 3, stride=1, padding=1)))
-
-
-class RectifiedFunctionalPooling(nn.Module):
-    """Functional pooling between rectified convolutions: support crops whose size changes as it trains."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
-        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
-
-    def forward(self, x):
-        x = F.max_pool2d(self.relu1(self.conv1(x)), 2)
-        return self.relu3(self.conv3(self.relu2(self.conv2(x))))
-
-
-class Classifier(L.LightningModule):
-    """What a user writes: a network as ``self.net`` (built now or in ``configure_model``), loaders given to fit()."""
-
-    def __init__(
-        self, build=tiny_net, in_configure_model: bool = False, with_forward: bool = True, lr: float = 0.01
-    ) -> None:
-        super().__init__()
-        self.build, self.in_configure_model, self.lr = build, in_configure_model, lr
-        self.net = None if in_configure_model else build()
-        if with_forward:
-            self.forward = self._forward  # a forward of its own; else the steps call self.net directly
-
-    def configure_model(self) -> None:
-        if self.net is None:
-            self.net = self.build()
-
-    def _forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = _image_and_label(batch)
-        return F.cross_entropy(self.net(x).flatten(1)[:, :4], y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = _image_and_label(batch)
-        self.log("val_loss", F.cross_entropy(self.net(x).flatten(1)[:, :4], y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def fit(tmp_path, model, callback, *, train=None, val=None, pl=L, max_epochs=2, **trainer_kwargs):
-    x, y = images()
-    train = train if train is not None else DataLoader(TensorDataset(x, y), batch_size=8)
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=[callback],
-        logger=False,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        **trainer_kwargs,
-    )
-    trainer.fit(model, train, val)
-    return trainer
 
 
 def assert_every_column(callback, layers=None):

@@ -254,7 +254,7 @@ def board(tmp_path_factory) -> Iterator[Board]:
     TensorBoard on loopback for the whole module."""
     import lightning.pytorch as L
     from lightning.pytorch.loggers import TensorBoardLogger
-    from tiny import dataset, module_class
+    from helpers import dataset, module_class
 
     from lightning_deconv import DeconvCallback
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import zf_shaped
+from helpers import randomise_bn, rel_err, zf_shaped
 from reference import explicit_deconvnet, strongest, swapped_relu_projection
 from torch import nn
 
@@ -24,11 +24,6 @@ def live_channels(net: nn.Sequential, images: torch.Tensor, upto: int) -> list[i
     with torch.no_grad():
         peaks = net[: upto + 1](images.clone()).amax(dim=(0, 2, 3))
     return (peaks > 0).nonzero().flatten().tolist()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("rule", ["deconvnet", "guided", "gradient"])
@@ -119,15 +114,6 @@ class ResidualNet(nn.Module):
         return self.block(self.relu(out))
 
 
-def _randomise_bn(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-
-
 def _check_against_swapped(model, images, layer, channels, rule):
     got = deconvolve(model, images, layer=layer, channels=channels, rule=rule)
     for k, channel in enumerate(channels):
@@ -141,7 +127,7 @@ def _check_against_swapped(model, images, layer, channels, rule):
 def test_residual_net_with_batchnorm(rule):
     torch.manual_seed(0)
     model = ResidualNet()
-    _randomise_bn(model)
+    randomise_bn(model)
     _check_against_swapped(model, torch.randn(4, 3, 33, 31), "block", [0, 9, 15], rule)
 
 
@@ -156,7 +142,7 @@ def test_residual_net_with_batchnorm(rule):
 def test_torchvision_models(builder, layer, size):
     torch.manual_seed(0)
     model = builder(weights=None)
-    _randomise_bn(model)
+    randomise_bn(model)
     _check_against_swapped(model, torch.randn(3, 3, size, size), layer, [1, 4], "deconvnet")
 
 
@@ -292,7 +278,7 @@ def test_projection_on_receptive_field_windows_is_exact(builder, layer, size):
     """Running each row on the window holding its receptive field changes nothing, at borders too."""
     torch.manual_seed(0)
     model = builder()
-    _randomise_bn(model)
+    randomise_bn(model)
     images = torch.randn(6, 3, size, size + 2, dtype=torch.float64)
     field = receptive_field(model, layer, tuple(images.shape[1:]))
     maxima = find_maxima(model.eval(), images, {layer: list(range(8))})[layer]

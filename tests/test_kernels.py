@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import zf_shaped
+from helpers import zf_shaped
 from torch import nn
 
 from lightning_deconv.kernels import FastCPUOps, FewChannelConv2d, local_response_norm

@@ -7,9 +7,8 @@ import warnings
 import pytest
 import torch
 import torchvision
-from conftest import zf_shaped
+from helpers import randomise_bn, rel_err, zf_shaped
 from reference import explicit_deconvnet, swapped_relu_projection
-from test_engine import _randomise_bn, rel_err
 from torch import nn
 
 from lightning_deconv import Projector, deconvolve, support_boxes
@@ -35,7 +34,7 @@ def test_multi_layer_form_equals_single_layer_and_whole_images(net, rule):
     builder, layers, size = NETS[net]
     torch.manual_seed(0)
     model = builder().eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     images = torch.randn(4, 3, size, size + 3, dtype=torch.float64)
     wanted = {layer: [0, 2, 5] for layer in layers}
     many = deconvolve(model, images, wanted, rule=rule)

@@ -16,9 +16,9 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torchvision
+from helpers import Classifier, RectifiedFunctionalPooling, fit, images
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from test_compat import Classifier, RectifiedFunctionalPooling, fit, images
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_deconv import DeconvCallback

@@ -23,9 +23,9 @@ import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
+from helpers import dataset, module_class
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
-from tiny import dataset, module_class
 
 from lightning_deconv import DeconvCallback
 

@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import zf_shaped
+from helpers import zf_shaped
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
