@@ -89,8 +89,8 @@ def test_alexnet_stem_config_builds_alexnets_first_layer_with_valid_maps():
 
 def _tiny_run(tmp_path: Path, seed: int) -> Path:
     import lightning.pytorch as L
-    from lightning.pytorch.loggers import CSVLogger
     from helpers import dataset, module_class
+    from lightning.pytorch.loggers import CSVLogger
 
     L.seed_everything(seed, verbose=False)
     trainer = L.Trainer(

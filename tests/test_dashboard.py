@@ -253,8 +253,8 @@ def board(tmp_path_factory) -> Iterator[Board]:
     """A small real run (3 firings, 2 layers, top 9) beside a made-up version-2 run and traps, served by one
     TensorBoard on loopback for the whole module."""
     import lightning.pytorch as L
-    from lightning.pytorch.loggers import TensorBoardLogger
     from helpers import dataset, module_class
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_deconv import DeconvCallback
 
