@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -44,12 +43,13 @@ from lightning_deconv.layers import check_images, layer_name, named_layers
 from lightning_deconv.probe import draw_probe, untouched_rng
 from lightning_deconv.record import (
     FIRING_FORMAT,
-    SET_ASIDE,
     atomic_copy,
     atomic_save,
     firing_path,
+    is_whole,
     remove_temporaries,
     save_png,
+    set_aside,
 )
 from lightning_deconv.render import evolution_grid, filter_grid, normalize, occlusion_grid, projection_grid, top_k_grid
 from lightning_deconv.selection import Maxima, Trace, auto_layers, choose_features, trace
@@ -633,8 +633,10 @@ class DeconvCallback(*callback_bases()):
         dropped: list[int] = []
         if trainer.is_global_zero:
             remove_temporaries(self.folder)
-            if not self._restored:
-                _set_aside(self.folder)
+            if not self._restored and (aside := set_aside(self.folder)) is not None:
+                rank_zero_warn(
+                    f"DeconvCallback: {self.folder} held firings of another run; they were moved to {aside}."
+                )
             dropped = self._adopt_files()
         if trainer.world_size > 1:
             dropped = trainer.strategy.broadcast(dropped, src=0)  # every rank must agree on what has fired
@@ -649,11 +651,11 @@ class DeconvCallback(*callback_bases()):
         lost = []
         for epoch in sorted({e for columns in self.history.values() for e in columns}):
             here = firing_path(self.folder, epoch)
-            if _whole(here):
+            if is_whole(here):
                 self._files[epoch] = str(here)
                 continue
             earlier = Path(self._files.get(epoch, here))
-            if earlier != here and _whole(earlier):
+            if earlier != here and is_whole(earlier):
                 atomic_copy(earlier, here)
                 self._files[epoch] = str(here)
             else:
@@ -777,23 +779,6 @@ def _display_pixels(images: Tensor) -> Tensor:
     """Probe images as ``uint8`` pixels for display (each min-max scaled): a firing file keeps its features'
     source images this way, a quarter of the float size."""
     return (normalize(images.detach().float().cpu(), "minmax") * 255).round().to(torch.uint8)
-
-
-def _whole(path: Path) -> bool:
-    """Whether ``path`` is a whole ``torch.save`` archive (a cut file lacks the archive's closing directory)."""
-    return path.is_file() and zipfile.is_zipfile(path)
-
-
-def _set_aside(folder: Path) -> None:
-    """Rename a monitor folder that already holds firings (another run's, or another configuration's under the
-    same ``name``) to ``<folder>.earlier-<k>``, so that no grid or figure mixes them with this run's."""
-    if not any(folder.glob("epoch_*.pt")):
-        return
-    k = 1
-    while (aside := folder.with_name(f"{folder.name}{SET_ASIDE}{k}")).exists():
-        k += 1
-    folder.rename(aside)
-    rank_zero_warn(f"DeconvCallback: {folder} held firings of another run; they were moved to {aside}.")
 
 
 def _writes_tensorboard(logger: Any) -> bool:

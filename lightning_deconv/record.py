@@ -35,12 +35,14 @@ __all__ = [
     "atomic_write",
     "find_firings",
     "firing_path",
+    "is_whole",
     "load_record",
     "load_tensors",
     "monitor_folders",
     "read_firings",
     "remove_temporaries",
     "save_png",
+    "set_aside",
 ]
 
 FIRING_FORMAT = "lightning-deconv firing"
@@ -111,6 +113,23 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
     return left
 
 
+def is_whole(path: str | Path) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive (a zip; a cut one lacks its closing directory)."""
+    return Path(path).is_file() and zipfile.is_zipfile(path)
+
+
+def set_aside(folder: str | Path) -> Path | None:
+    """Rename a monitor folder that already holds firings to ``<folder>.earlier-<k>`` (so that no grid or figure
+    mixes another run's firings with a new one's); return the new name, or ``None`` if there was nothing to move."""
+    folder = Path(folder)
+    if not any(folder.glob("epoch_*.pt")):
+        return None
+    k = 1
+    while (aside := folder.with_name(f"{folder.name}{SET_ASIDE}{k}")).exists():
+        k += 1
+    return folder.rename(aside)
+
+
 def firing_path(folder: str | Path, epoch: int) -> Path:
     """Where the firing after ``epoch`` goes: ``<folder>/epoch_<epoch, 3 digits>.pt``."""
     return Path(folder) / f"epoch_{epoch:03d}.pt"
@@ -124,7 +143,7 @@ def load_tensors(path: str | Path) -> Any:
     """
     path = Path(path)
     fix = "Delete or move it, or point at another run"
-    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes zip archives; a cut one is not
+    if path.is_file() and not is_whole(path):
         raise RecordError(path, "is truncated or corrupt (not a whole torch.save archive)", fix)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
