@@ -21,11 +21,14 @@ __all__ = [
     "Invariance",
     "Maxima",
     "Occlusion",
+    "OcclusionMonitor",
     "Projection",
     "Projector",
     "ReceptiveField",
     "RecordError",
     "TopK",
+    "TopKMonitor",
+    "Watch",
     "aliasing",
     "choose_features",
     "crop",
@@ -52,10 +55,19 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    # The callback imports Lightning (seconds); the engine alone should not pay for it.
-    if name in ("DeconvCallback", "PAPER_EPOCHS"):
-        from lightning_deconv import callback
+# The monitors import Lightning (seconds); the engine alone should not pay for it.
+_MONITORS = {
+    "DeconvCallback": "lightning_deconv.callback",
+    "PAPER_EPOCHS": "lightning_deconv.monitoring",
+    "TopKMonitor": "lightning_deconv.monitors",
+    "OcclusionMonitor": "lightning_deconv.monitors",
+    "Watch": "lightning_deconv.watch",
+}
 
-        return getattr(callback, name)
+
+def __getattr__(name: str) -> Any:
+    if name in _MONITORS:
+        import importlib
+
+        return getattr(importlib.import_module(_MONITORS[name]), name)
     raise AttributeError(f"module 'lightning_deconv' has no attribute {name!r}")

@@ -38,10 +38,10 @@ def images_in(item: Any, key: str | None = None) -> Tensor:
         if not wanted or wanted[0] not in item:
             keys = ", ".join(repr(k) for k in item)
             if key is not None:
-                raise ValueError(f"The items have no key {key!r}; their keys are {keys}. Set `probe_key` to one.")
+                raise ValueError(f"The items have no key {key!r}; their keys are {keys}. Set `image_key` to one.")
             raise ValueError(
                 f"Cannot tell which entry of the items is the image: their keys are {keys}, none of the usual "
-                f"{', '.join(IMAGE_KEYS)}. Set `probe_key` to the image's key."
+                f"{', '.join(IMAGE_KEYS)}. Set `image_key` to the image's key."
             )
         item = item[wanted[0]]
     elif isinstance(item, (tuple, list)):

@@ -30,6 +30,7 @@ __all__ = [
     "FIRING_FORMAT",
     "SET_ASIDE",
     "RecordError",
+    "adopt_firings",
     "atomic_copy",
     "atomic_save",
     "atomic_write",
@@ -133,6 +134,23 @@ def set_aside(folder: str | Path) -> Path | None:
 def firing_path(folder: str | Path, epoch: int) -> Path:
     """Where the firing after ``epoch`` goes: ``<folder>/epoch_<epoch, 3 digits>.pt``."""
     return Path(folder) / f"epoch_{epoch:03d}.pt"
+
+
+def adopt_firings(folder: str | Path, epochs: Iterable[int], files: dict[int, str]) -> tuple[dict[int, str], list[int]]:
+    """Make ``folder`` hold the firing file of each of ``epochs``: keep a whole one already there, else copy the one
+    ``files`` says an earlier fit wrote (a resume into a new logger version). Returns where each file is now, and
+    the epochs whose file is missing or unreadable everywhere."""
+    where, lost = {}, []
+    for epoch in sorted(set(epochs)):
+        here = firing_path(folder, epoch)
+        earlier = Path(files.get(epoch, here))
+        if not is_whole(here) and earlier != here and is_whole(earlier):
+            atomic_copy(earlier, here)
+        if is_whole(here):
+            where[epoch] = str(here)
+        else:
+            lost.append(epoch)
+    return where, lost
 
 
 def load_tensors(path: str | Path) -> Any:

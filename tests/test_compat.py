@@ -214,7 +214,7 @@ def test_diverged_weights_are_marked_not_fatal(tmp_path):
             ValueError,
             r"must be \[C, H, W\] images; got tensors of shape \(\)",
         ),
-        ({"probe": DictItems(), "probe_key": "pixels"}, ValueError, "no key 'pixels'; their keys are 'label', 'image'"),
+        ({"probe": DictItems(), "image_key": "pixels"}, ValueError, "no key 'pixels'; their keys are 'label', 'image'"),
         ({"probe": TensorDataset(torch.randn(8, 32, 32))}, ValueError, r"\[C, H, W\] images"),
     ],
 )
@@ -234,7 +234,7 @@ def test_bad_probes_fail_before_training(tmp_path, kwargs, error, message):
         ({"probe_size": 2.5}, "`probe_size` must be an integer"),
         ({"batch_size": True}, "`batch_size` must be an integer"),
         ({"seed": None}, "`seed` must be an integer"),
-        ({"probe_key": 3}, "`probe_key` must be a string"),
+        ({"image_key": 3}, "`image_key` must be a string"),
         ({"epochs": "1, 2"}, "positive integers"),
     ],
 )
