@@ -113,6 +113,7 @@ class DeconvCallback(Scheduled, *callback_bases()):
 
     Example::
 
+        >>> import torch
         >>> from lightning.pytorch import Trainer
         >>> probe = torch.rand(16, 3, 64, 64)
         >>> trainer = Trainer(callbacks=[DeconvCallback(probe=probe, features_per_layer=4, epochs=(1, 2, 5))])

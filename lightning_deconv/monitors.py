@@ -165,6 +165,7 @@ class OcclusionMonitor(Scheduled, *callback_bases()):
 
     Example::
 
+        >>> import torch
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[OcclusionMonitor(Watch(probe=torch.rand(8, 3, 64, 64)), images=2)])
     """

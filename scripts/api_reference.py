@@ -14,7 +14,7 @@ import lightning_deconv
 
 PATH = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 GROUPS = {
-    "The callback": ["DeconvCallback", "PAPER_EPOCHS"],
+    "The monitors (callbacks)": ["DeconvCallback", "TopKMonitor", "OcclusionMonitor", "Watch", "PAPER_EPOCHS"],
     "Projection engine": [
         *("deconvolve", "project", "Projector", "Projection", "find_maxima", "Maxima", "choose_features"),
         *("receptive_field", "ReceptiveField"),
@@ -47,7 +47,7 @@ def reference() -> str:
         "",
         "Every name below is importable from `lightning_deconv` and listed in its `__all__`; each has a typed",
         "docstring with the details (`help(lightning_deconv.NAME)`), most with a runnable example that the tests run.",
-        "`DeconvCallback` and `PAPER_EPOCHS` import Lightning on first use. Written by `scripts/api_reference.py`.",
+        "The monitors and `Watch` import Lightning on first use. Written by `scripts/api_reference.py`.",
         "",
     ]
     for title, names in GROUPS.items():

@@ -116,7 +116,7 @@ def test_leaky_relu_rule_is_named_at_fit_start(tmp_path, caplog):
     net = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.LeakyReLU(0.1), nn.Conv2d(8, 4, 3), nn.PReLU())  # noqa: E731
     with caplog.at_level(logging.INFO):
         fit(tmp_path, Classifier(net), monitor(epochs=(1,)))
-    said = " ".join(r.getMessage() for r in caplog.records if "DeconvCallback" in r.getMessage())
+    said = " ".join(r.getMessage() for r in caplog.records if "lightning-deconv" in r.getMessage())
     assert "deconvnet" in said and "LeakyReLU" in said and "PReLU" in said
 
 
