@@ -43,30 +43,17 @@ class DeconvCallback(Scheduled, *callback_bases()):
     meets NaN/Inf activations) warns with the cause and training goes on; ``strict=True`` raises instead.
 
     Args:
-        probe: the fixed probe images: a ``[N, C, H, W]`` tensor (normalised as the model expects), a
-            ``Dataset`` or ``DataLoader`` (``probe_size`` images drawn with ``seed``), or ``None`` to draw them
-            at fit start from the datamodule's ``probe_dataset()``, else the validation data, else the
-            training data, wherever they are defined (loaders passed to ``fit()``, a datamodule, or the
-            LightningModule's hooks). Random transforms are made deterministic by seeding each item.
-        probe_size: how many images to draw when ``probe`` is not a tensor.
-        image_key: the image's key in dict items or batches (default: ``"image"``, ``"images"``, ``"x"``, ...).
-        layers: ``"auto"`` (the conv stages; ZFNet/AlexNet: conv1..conv5 after ReLU and pooling; VGG: the
-            pooled stages; ResNet: the stem and ``layer1..layer4``, also inside ``self.net``-style wrappers)
-            or a list of module names from ``model.named_modules()``.
-        features_per_layer: how many channels to track per layer, a seeded random subset (the paper's
-            "randomly chosen subset").
-        features: explicit ``{layer: [channels]}``; overrides ``layers`` and ``features_per_layer``.
+        probe, probe_size, image_key, layers, features_per_layer, features: what to watch (see
+            :class:`~lightning_deconv.watch.Watch`): by default the probe is drawn from your data, ``layers="auto"``
+            takes one layer per resolution stage, and 8 seeded random features are tracked in each.
         epochs: when to fire, after these 1-based training epochs (the paper: 1, 2, 5, 10, 20, 30, 40, 64).
             Unsorted or repeated epochs are sorted and de-duplicated; epochs past ``max_epochs`` are fine.
         fire_at_end: also fire once when training ends, if the last epoch was not scheduled, so that short
             runs end with a final column.
-        mode: ``"max"`` (the single strongest activation, the paper) or ``"map"`` (its whole map).
-        rule: ``"deconvnet"``, ``"guided"`` or ``"gradient"``.
-        crop: cut each projection to its activation's ``"receptive_field"``, to the projections'
-            ``"support"``, or ``"none"``.
+        mode, rule, crop: how to project (see :class:`~lightning_deconv.watch.Watch`): the paper's single strongest
+            activation, the deconvnet rule, cropped to its receptive field.
         show_patches: show the matching probe-image patch beside each projection.
-        seed: seeds the probe draw and the feature choice.
-        batch_size: probe images per forward pass when searching the maxima.
+        seed, batch_size: seeds the probe draw and the feature choice; probe images per forward pass.
         watch: a :class:`~lightning_deconv.watch.Watch` to use instead of the arguments above (probe to
             ``crop``, ``seed``, ``batch_size`` and ``name``), e.g. to share it with a
             :class:`~lightning_deconv.monitors.TopKMonitor` given separately.
@@ -86,9 +73,8 @@ class DeconvCallback(Scheduled, *callback_bases()):
         top_k_epochs: when to scan (default: once, at the end of training).
         top_k_batches: scan only this many batches of the validation set (default: all of it).
         strict: raise on a failing firing instead of warning and going on (for debugging).
-        name: the folder this instance writes to, ``<log_dir>/deconv/<name>/`` (letters, digits, ``.``, ``_``,
-            ``-``). Default: a digest of the settings that change what is computed, so that instances never
-            write over each other and a resume with other settings never mixes columns in one grid.
+        name: the folder this instance writes to, ``<log_dir>/deconv/<name>/`` (default: a digest of the settings
+            that change what is computed; see :class:`~lightning_deconv.watch.Watch`).
         diagnose: with ``measures``, warn (once per condition and layer per run, never stopping) when a Fig. 6
             measure crosses its threshold, naming the layer, the value and the paper's remedy (see
             :class:`~lightning_deconv.analysis.diagnosis.Diagnosis`).

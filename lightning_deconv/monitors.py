@@ -23,7 +23,7 @@ from lightning_deconv.checks import check_int
 from lightning_deconv.monitoring import PAPER_EPOCHS, Schedule, Scheduled, Sink
 from lightning_deconv.record import save_png
 from lightning_deconv.render import occlusion_grid, top_k_grid
-from lightning_deconv.watch import Watch
+from lightning_deconv.watch import Watch, own_watch
 
 __all__ = ["OcclusionMonitor", "TopKMonitor"]
 
@@ -59,11 +59,9 @@ class TopKMonitor(Scheduled, *callback_bases()):
         batches: int | None = None,
         strict: bool = False,
     ) -> None:
-        if watch is not None and not isinstance(watch, Watch):
-            raise TypeError(f"`watch` must be a lightning_deconv.Watch, got {type(watch).__name__}.")
         check_int(k, "k")
         check_int(batches, "batches", optional=True)
-        self.watch = watch or Watch()
+        self.watch = own_watch(watch)
         self.k, self.batches, self.strict = k, batches, strict
         self.schedule = Schedule(epochs or (), at_end=epochs is None)
         self.done: list[int] = []  # epochs whose top k were saved (resumable)
@@ -180,10 +178,8 @@ class OcclusionMonitor(Scheduled, *callback_bases()):
         layer: str | None = None,
         strict: bool = False,
     ) -> None:
-        if watch is not None and not isinstance(watch, Watch):
-            raise TypeError(f"`watch` must be a lightning_deconv.Watch, got {type(watch).__name__}.")
         check_int(images, "images")
-        self.watch = watch or Watch()
+        self.watch = own_watch(watch)
         self.images, self.layer, self.strict = images, layer, strict
         self.schedule = Schedule(tuple(epochs), at_end=fire_at_end)
         self.seconds: dict[int, float] = {}

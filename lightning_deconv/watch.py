@@ -29,7 +29,7 @@ from lightning_deconv.probe import draw_probe, untouched_rng
 from lightning_deconv.record import remove_temporaries, set_aside
 from lightning_deconv.selection import Trace, auto_layers, choose_features, trace
 
-__all__ = ["Watch"]
+__all__ = ["Watch", "own_watch"]
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
@@ -271,3 +271,10 @@ class Watch:
         """Restore the probe and features of a checkpoint (the next fit start keeps them)."""
         self.probe, self.features = state["probe"], state["features"]
         self._restored = True
+
+
+def own_watch(watch: Watch | None) -> Watch:
+    """``watch``, checked, or a default ``Watch()`` for a monitor used alone."""
+    if watch is not None and not isinstance(watch, Watch):
+        raise TypeError(f"`watch` must be a lightning_deconv.Watch, got {type(watch).__name__}.")
+    return watch or Watch()

@@ -25,6 +25,20 @@ def tiny_net(dropout: float = 0.0) -> nn.Sequential:
     )
 
 
+def small_net(stem: nn.Conv2d) -> nn.Sequential:
+    """``stem`` (8 output channels), ReLU and pooling, one more 3x3 conv, and a 4-class head."""
+    return nn.Sequential(
+        stem,
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
 def dataset(n: int = 64, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g))

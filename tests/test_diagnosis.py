@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers import Classifier, small_net
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,42 +22,22 @@ DATA = TensorDataset(torch.randn(32, 3, 32, 32, generator=G), torch.randint(0, 4
 PROBE = torch.randn(8, 3, 32, 32, generator=G)
 
 
-class BadStem(L.LightningModule):
+def bad_stem() -> nn.Sequential:
     """AlexNet's mistakes in miniature: 8x8 first-layer filters at stride 4, started as loud checkerboards
     (all high frequency, RMS 3), three of eight dead (bias -1e4)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 8, stride=4, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(8, 4),
-        )
-        with torch.no_grad():
-            board = (-1.0) ** (torch.arange(8)[:, None] + torch.arange(8)[None, :])
-            self.net[0].weight.copy_(3 * board * torch.randn(8, 3, 1, 1, generator=G).sign())
-            self.net[0].bias[:3] = -1e4
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
+    net = small_net(nn.Conv2d(3, 8, 8, stride=4, padding=2))
+    with torch.no_grad():
+        board = (-1.0) ** (torch.arange(8)[:, None] + torch.arange(8)[None, :])
+        net[0].weight.copy_(3 * board * torch.randn(8, 3, 1, 1, generator=G).sign())
+        net[0].bias[:3] = -1e4
+    return net
 
 
-def fit(tmp_path: Path, diagnose: bool) -> tuple[DeconvCallback, BadStem, Path, list[str]]:
+def fit(tmp_path: Path, diagnose: bool) -> tuple[DeconvCallback, Classifier, Path, list[str]]:
     callback = DeconvCallback(probe=PROBE, features={"net.2": [2, 3, 5], "net.4": [0, 1]}, epochs=(1, 2, 3),
                               diagnose=diagnose)  # fmt: skip
     L.seed_everything(0, verbose=False)
-    model = BadStem()
+    model = Classifier(bad_stem, lr=1e-3)
     trainer = L.Trainer(
         max_epochs=3,
         callbacks=[callback],

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers import Classifier, small_net
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from torch import nn
@@ -56,34 +57,10 @@ def test_dead_share_and_drift():
 
 
 def _net() -> nn.Sequential:
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 5, stride=2, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    )
+    net = small_net(nn.Conv2d(3, 8, 5, stride=2, padding=2))
     with torch.no_grad():
         net[0].bias[:3] = -100.0  # three channels that never fire: dead, and they stay dead (no gradient)
     return net
-
-
-class Model(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = _net()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +72,7 @@ def run(tmp_path_factory):
     probe = torch.randn(10, 3, 24, 24, generator=g)
     callback = DeconvCallback(probe=probe, features={"net.1": [0, 4, 6], "net.4": [1, 2]}, epochs=(1, 2, 4))
     L.seed_everything(0, verbose=False)
-    model = Model()
+    model = Classifier(_net, lr=0.1)
     trainer = L.Trainer(
         max_epochs=4,
         callbacks=[callback],
