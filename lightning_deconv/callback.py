@@ -36,10 +36,12 @@ from lightning_deconv._trainer import (
 from lightning_deconv.analysis.diagnosis import Diagnosis, FiringMeasures, cumulative_stride, measure_firing
 from lightning_deconv.analysis.occlusion import occlusion
 from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift, feature_marks
-from lightning_deconv.analysis.top_k import TopK, merge_top_k, project_top_k, save_top_k, top_k
+from lightning_deconv.analysis.top_k import project_top_k, top_k
+from lightning_deconv.analysis.top_k_files import save_top_k
 from lightning_deconv.checks import check_int
 from lightning_deconv.engine import Projection, Projector, check_rule_and_mode
 from lightning_deconv.layers import check_images, layer_name, named_layers
+from lightning_deconv.maxima import TopK, merge_top_k
 from lightning_deconv.probe import draw_probe, untouched_rng
 from lightning_deconv.record import (
     FIRING_FORMAT,
@@ -52,7 +54,8 @@ from lightning_deconv.record import (
     set_aside,
 )
 from lightning_deconv.render import evolution_grid, filter_grid, normalize, occlusion_grid, projection_grid, top_k_grid
-from lightning_deconv.selection import Maxima, Trace, auto_layers, choose_features, trace
+from lightning_deconv.selection import choose_features
+from lightning_deconv.stages import Trace, auto_layers, trace
 
 __all__ = ["PAPER_EPOCHS", "DeconvCallback"]
 
@@ -85,7 +88,7 @@ class DeconvCallback(*callback_bases()):
             training data, wherever they are defined (loaders passed to ``fit()``, a datamodule, or the
             LightningModule's hooks). Random transforms are made deterministic by seeding each item.
         probe_size: how many images to draw when ``probe`` is not a tensor.
-        probe_key: the image's key in dict items or batches (default: ``"image"``, ``"images"``, ``"x"``, ...).
+        image_key: the image's key in dict items or batches (default: ``"image"``, ``"images"``, ``"x"``, ...).
         layers: ``"auto"`` (the conv stages; ZFNet/AlexNet: conv1..conv5 after ReLU and pooling; VGG: the
             pooled stages; ResNet: the stem and ``layer1..layer4``, also inside ``self.net``-style wrappers)
             or a list of module names from ``model.named_modules()``.
@@ -153,7 +156,7 @@ class DeconvCallback(*callback_bases()):
         self,
         probe: Tensor | Dataset | DataLoader | None = None,
         probe_size: int = 32,
-        probe_key: str | None = None,
+        image_key: str | None = None,
         layers: str | Sequence[str] = "auto",
         features_per_layer: int = 8,
         features: Mapping[str, Sequence[int]] | None = None,
@@ -179,8 +182,8 @@ class DeconvCallback(*callback_bases()):
             raise TypeError(f"`probe` must be a Tensor, a Dataset, a DataLoader or None, got {type(probe).__name__}.")
         if isinstance(probe, Tensor) and (probe.dim() != 4 or len(probe) == 0):
             raise ValueError(f"A probe tensor must be non-empty [N, C, H, W], got shape {tuple(probe.shape)}.")
-        if probe_key is not None and not isinstance(probe_key, str):
-            raise TypeError(f"`probe_key` must be a string (a key of the dict items), got {probe_key!r}.")
+        if image_key is not None and not isinstance(image_key, str):
+            raise TypeError(f"`image_key` must be a string (a key of the dict items), got {image_key!r}.")
         if layers != "auto" and (isinstance(layers, str) or not layers):
             raise ValueError(f"`layers` must be 'auto' or a non-empty list of module names, got {layers!r}.")
         if features is not None and (not features or any(len(c) == 0 for c in features.values())):
@@ -202,7 +205,7 @@ class DeconvCallback(*callback_bases()):
         if not self.epochs and not fire_at_end:
             raise ValueError("Nothing would ever fire: give some `epochs` or set `fire_at_end=True`.")
         self.probe_source = probe
-        self.probe_size, self.probe_key = probe_size, probe_key
+        self.probe_size, self.image_key = probe_size, image_key
         self.layers = layers
         self.features_per_layer = features_per_layer
         self.explicit_features = {k: [int(c) for c in v] for k, v in (features or {}).items()}
@@ -246,7 +249,7 @@ class DeconvCallback(*callback_bases()):
         layers = self.layers if isinstance(self.layers, str) else list(self.layers)
         return {
             "probe": probe_id,
-            "probe_key": self.probe_key,
+            "probe_key": self.image_key,  # the old name: a monitor folder is named by a digest of these
             "layers": layers if not self.explicit_features else None,
             "features_per_layer": self.features_per_layer if not self.explicit_features else None,
             "features": self.explicit_features or None,
@@ -308,7 +311,7 @@ class DeconvCallback(*callback_bases()):
         if source is None:
             with untouched_rng():
                 source = data_source(trainer)
-        return draw_probe(source, self.probe_size, self.seed, self.probe_key)
+        return draw_probe(source, self.probe_size, self.seed, self.image_key)
 
     def _choose_features(self, model: nn.Module, seen: Trace) -> dict[str, list[int]]:
         if self.explicit_features:
@@ -344,7 +347,13 @@ class DeconvCallback(*callback_bases()):
 
     def _make_plan(self, model: nn.Module) -> Projector:
         return Projector(
-            model, self.features, self.probe.shape[1:], self.rule, self.mode, self.crop, batch_size=self.batch_size
+            model,
+            self.features,
+            input_size=self.probe.shape[1:],
+            rule=self.rule,
+            mode=self.mode,
+            crop=self.crop,
+            batch_size=self.batch_size,
         )
 
     # ------------------------------------------------------------------ when to fire
@@ -438,9 +447,17 @@ class DeconvCallback(*callback_bases()):
         data = shard(validation_data(trainer), rank, world)
         batches = None if self.top_k_batches is None else -(-self.top_k_batches // world)
         found = top_k(
-            self._model, data, self.features, self.top_k, self.batch_size, batches, True, self.probe_key, state
+            self._model,
+            data,
+            self.features,
+            k=self.top_k,
+            batch_size=self.batch_size,
+            max_batches=batches,
+            keep_images=True,
+            image_key=self.image_key,
+            state=state,
         )
-        return {layer: replace(t, index=t.index * world + rank) for layer, t in found.items()}
+        return {layer: replace(t, source=t.source * world + rank) for layer, t in found.items()}
 
     def _project_share(self, rank: int, world: int, state: dict[str, Tensor] | None) -> dict[str, Any]:
         """This rank's share of every layer's projections (``rows[rank::world]``), with the maxima of all."""
@@ -463,7 +480,7 @@ class DeconvCallback(*callback_bases()):
             for rank, part in enumerate(parts):
                 if layer in part["images"]:
                     images[rank::world] = part["images"][layer]
-            merged[layer] = self.plan.finish(layer, images, found, self.probe)
+            merged[layer] = Projection.assemble(self.plan.layers[layer], images, found, self.probe)
         return merged
 
     def snapshot(self) -> dict[str, Projection]:
@@ -523,7 +540,7 @@ class DeconvCallback(*callback_bases()):
         sources = torch.unique(torch.cat([result.source.cpu() for result in layers.values()]))
         return {
             "format": FIRING_FORMAT,
-            "version": 2,
+            "version": 3,
             "epoch": epoch,
             "name": self.monitor_name,
             "settings": self.settings,
@@ -534,7 +551,7 @@ class DeconvCallback(*callback_bases()):
             "probe_images": {"index": sources, "pixels": _display_pixels(self.probe[sources])},
         }
 
-    def _column(self, layer: str, epoch: int, result: Projection, found: Maxima) -> tuple[dict, dict[str, float]]:
+    def _column(self, layer: str, epoch: int, result: Projection, found: TopK) -> tuple[dict, dict[str, float]]:
         """This firing's column of ``layer``'s evolution grid (dead and NaN features marked), and its measures:
         CKA to the previous firing, the share of dead channels, the features' drift since the previous firing.
         A column keeps only what the grid and the next firing's measures need."""
@@ -724,7 +741,7 @@ class DeconvCallback(*callback_bases()):
         images = self.probe[: self.occlusion]
         side = min(images.shape[-2:])
         device = next(self._model.parameters()).device
-        found = occlusion(self._model, images.to(device), max(1, side // 4), max(1, side // 16), layer=layer)
+        found = occlusion(self._model, images.to(device), layer, patch=max(1, side // 4), stride=max(1, side // 16))
         picture = occlusion_grid(images, found.feature, found.probability, found.label)
         for logger in trainer.loggers:
             log_image(logger, "deconv/occlusion", picture, epoch)
@@ -760,7 +777,7 @@ def _as_dict(result: Projection) -> dict[str, Tensor]:
     """What a firing file keeps of one layer (plain tensors, loadable with ``weights_only=True``)."""
     return {
         "channels": result.channels,
-        "projections": result.images,
+        "images": result.images,
         "crops": result.crops,
         "patches": result.patches,
         "source": result.source,

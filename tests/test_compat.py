@@ -214,7 +214,7 @@ def test_diverged_weights_are_marked_not_fatal(tmp_path):
             ValueError,
             r"must be \[C, H, W\] images; got tensors of shape \(\)",
         ),
-        ({"probe": DictItems(), "probe_key": "pixels"}, ValueError, "no key 'pixels'; their keys are 'label', 'image'"),
+        ({"probe": DictItems(), "image_key": "pixels"}, ValueError, "no key 'pixels'; their keys are 'label', 'image'"),
         ({"probe": TensorDataset(torch.randn(8, 32, 32))}, ValueError, r"\[C, H, W\] images"),
     ],
 )
@@ -234,7 +234,7 @@ def test_bad_probes_fail_before_training(tmp_path, kwargs, error, message):
         ({"probe_size": 2.5}, "`probe_size` must be an integer"),
         ({"batch_size": True}, "`batch_size` must be an integer"),
         ({"seed": None}, "`seed` must be an integer"),
-        ({"probe_key": 3}, "`probe_key` must be a string"),
+        ({"image_key": 3}, "`image_key` must be a string"),
         ({"epochs": "1, 2"}, "positive integers"),
     ],
 )
@@ -299,7 +299,8 @@ def test_ddp_functional_pooling_support_crops_and_a_failing_rank(tmp_path):
     assert result["failing"] == {"net.conv1": [2], "net.relu": [2]}  # epoch 1 failed on rank 1: skipped
     assert "rank 1: RuntimeError: rank 1 broke" in result["warning"]
     # Fig. 2 over a validation set sharded across the ranks equals the single-process top k on the same weights
-    from lightning_deconv.analysis.top_k import load_top_k, top_k
+    from lightning_deconv.analysis.top_k import top_k
+    from lightning_deconv.analysis.top_k_files import load_top_k
 
     model = Classifier(FunctionalPooling)
     model.load_state_dict(torch.load(tmp_path / "top_k_model.pt"))
@@ -307,4 +308,4 @@ def test_ddp_functional_pooling_support_crops_and_a_failing_rank(tmp_path):
     saved = load_top_k(path)
     want = top_k(model, TensorDataset(*images(11, seed=3)), {layer: t.channels for layer, t in saved.top.items()}, k=3)
     for layer, got in saved.top.items():
-        assert torch.equal(got.index, want[layer].index) and torch.allclose(got.value, want[layer].value)
+        assert torch.equal(got.source, want[layer].source) and torch.allclose(got.value, want[layer].value)
