@@ -7,19 +7,20 @@ from lightning_deconv.analysis.invariance import Invariance, invariance
 from lightning_deconv.analysis.occlusion import Occlusion, occlusion
 from lightning_deconv.analysis.settling import linear_cka
 from lightning_deconv.analysis.spectrum import aliasing, filter_spectrum
-from lightning_deconv.analysis.top_k import TopK, load_top_k, merge_top_k, project_top_k, save_top_k, top_k
+from lightning_deconv.analysis.top_k import project_top_k, top_k
+from lightning_deconv.analysis.top_k_files import load_top_k, save_top_k
 from lightning_deconv.engine import Projection, Projector, deconvolve, project
 from lightning_deconv.geometry import ReceptiveField, receptive_field
+from lightning_deconv.maxima import TopK, find_maxima, merge_top_k
 from lightning_deconv.record import RecordError, find_firings, read_firings
 from lightning_deconv.render import crop, evolution_grid, normalize, projection_grid, support_boxes
-from lightning_deconv.selection import Maxima, choose_features, find_maxima
+from lightning_deconv.selection import choose_features
 
 __all__ = [
     "PAPER_EPOCHS",
     "DeconvCallback",
     "Diagnosis",
     "Invariance",
-    "Maxima",
     "Occlusion",
     "OcclusionMonitor",
     "Projection",

@@ -20,9 +20,9 @@ __all__ = ["IMAGE_KEYS", "image_batches", "images_in"]
 IMAGE_KEYS: tuple[str, ...] = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
 
 
-def images_in(item: Any, key: str | None = None) -> Tensor:
+def images_in(item: Any, image_key: str | None = None) -> Tensor:
     """The image tensor of a dataset item or a batch: the item itself, the first element of a tuple or
-    list, or the value under ``key`` (default: the first of :data:`IMAGE_KEYS` present) of a dict.
+    list, or the value under ``image_key`` (default: the first of :data:`IMAGE_KEYS` present) of a dict.
 
     Example::
 
@@ -30,15 +30,15 @@ def images_in(item: Any, key: str | None = None) -> Tensor:
         torch.Size([3, 8, 8])
 
     Raises:
-        ValueError: a dict without ``key`` (or any of :data:`IMAGE_KEYS`); the message lists its keys.
+        ValueError: a dict without ``image_key`` (or any of :data:`IMAGE_KEYS`); the message lists its keys.
         TypeError: the image is not a tensor (e.g. a PIL image: add a ``ToImage()``/``ToTensor()`` transform).
     """
     if isinstance(item, Mapping):
-        wanted = [key] if key is not None else [k for k in IMAGE_KEYS if k in item]
+        wanted = [image_key] if image_key is not None else [k for k in IMAGE_KEYS if k in item]
         if not wanted or wanted[0] not in item:
             keys = ", ".join(repr(k) for k in item)
-            if key is not None:
-                raise ValueError(f"The items have no key {key!r}; their keys are {keys}. Set `image_key` to one.")
+            if image_key is not None:
+                raise ValueError(f"The items have no key {image_key!r}; their keys are {keys}. Set `image_key` to one.")
             raise ValueError(
                 f"Cannot tell which entry of the items is the image: their keys are {keys}, none of the usual "
                 f"{', '.join(IMAGE_KEYS)}. Set `image_key` to the image's key."
@@ -57,7 +57,7 @@ def images_in(item: Any, key: str | None = None) -> Tensor:
 
 
 def image_batches(
-    data: Tensor | Dataset | DataLoader, batch_size: int = 64, key: str | None = None
+    data: Tensor | Dataset | DataLoader, batch_size: int = 64, image_key: str | None = None
 ) -> Iterator[Tensor]:
     """``[B, C, H, W]`` image batches of ``data``, in its order: a ``[N, C, H, W]`` tensor, a ``Dataset``
     (map-style in index order, or iterable) of items, or a ``DataLoader`` of batches (as it yields them)."""
@@ -65,12 +65,12 @@ def image_batches(
         yield from data.split(batch_size)
     elif isinstance(data, DataLoader):
         for batch in data:
-            yield images_in(batch, key)
+            yield images_in(batch, image_key)
     elif isinstance(data, Dataset):
         items = iter(data) if isinstance(data, IterableDataset) else (data[i] for i in range(len(data)))
         chunk: list[Tensor] = []
         for item in items:
-            chunk.append(images_in(item, key))
+            chunk.append(images_in(item, image_key))
             if len(chunk) == batch_size:
                 yield torch.stack(chunk)
                 chunk = []

@@ -147,7 +147,7 @@ def firing_file(
     sources = torch.unique(torch.cat([result.source.cpu() for result in layers.values()]))
     return {
         "format": FIRING_FORMAT,
-        "version": 2,
+        "version": 3,
         "epoch": epoch,
         "name": watch.name,
         "settings": watch.settings,
@@ -163,7 +163,7 @@ def _as_dict(result: Projection) -> dict[str, Tensor]:
     """What a firing file keeps of one layer (plain tensors, loadable with ``weights_only=True``)."""
     return {
         "channels": result.channels,
-        "projections": result.images,
+        "images": result.images,
         "crops": result.crops,
         "patches": result.patches,
         "source": result.source,

@@ -14,7 +14,7 @@ residual addition) the widest branch wins, which is the true field of the sum.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_deconv.layers import eval_mode, layer_name, resolve_layers, run_until
 
-__all__ = ["ReceptiveField", "input_field", "receptive_field", "receptive_fields", "tracing"]
+__all__ = ["ReceptiveField", "exact_on_windows", "input_field", "receptive_field", "receptive_fields", "tracing"]
 
 _WINDOWED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
@@ -176,6 +176,41 @@ def tracing(model: nn.Module, image: Tensor) -> Iterator[_Tracer]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def exact_on_windows(
+    forward: Callable[[Tensor], Any],
+    image: Tensor,
+    layer: tuple[str, nn.Module],
+    field: ReceptiveField,
+    whole: Tensor,
+    at_input: bool = False,
+    prepare: Callable[[Tensor], Tensor] = lambda x: x,
+) -> bool:
+    """Whether ``field`` is exact for ``layer``: the windows of ``image`` (``[1, C, H, W]``) around the first,
+    middle and last unit of its map ``whole`` (``[1, C, h, w]``, the layer's input where ``at_input``), cut at
+    all four borders there, give the same activations as the whole image did.
+
+    ``forward`` runs the model (e.g. :func:`~lightning_deconv.layers.bound_forward`'s), ``prepare`` lays each
+    window out as the model's kernels want it. A field traced through modules alone misses functional
+    resamplings; this check on the model itself does not.
+    """
+    height, width = whole.shape[-2:]
+    units = torch.tensor([[0, 0], [height // 2, width // 2], [height - 1, width - 1]])
+    boxes = field.windows(units, image.shape[-2:]).tolist()
+    for unit, (top, left, bottom, right) in zip(units, boxes, strict=True):
+        window = prepare(image[:, :, top:bottom, left:right])
+        try:
+            (got,) = run_until(forward, window, dict([layer]), lambda _, out, __: out, at_input).values()
+        except ValueError:
+            return False  # e.g. a window too small for the model
+        r, c = (unit - torch.tensor([top, left]) // torch.tensor(field.stride)).tolist()
+        want = whole[0, :, unit[0], unit[1]]
+        if not (0 <= r < got.shape[-2] and 0 <= c < got.shape[-1]):
+            return False
+        if (got[0, :, r, c] - want).abs().max() > 1e-4 * want.abs().max().clamp_min(1e-6):
+            return False
+    return True
 
 
 def receptive_field(model: nn.Module, layer: str | nn.Module, input_size: tuple[int, int, int]) -> ReceptiveField:

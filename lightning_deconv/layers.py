@@ -22,10 +22,13 @@ __all__ = [
     "check_images",
     "eval_mode",
     "layer_name",
+    "model_device",
     "named_layers",
+    "projection_state",
     "resolve_layers",
     "run_until",
     "uncompiled",
+    "working_dtype",
 ]
 
 _COMPILED = "_orig_mod"  # where torch.compile's OptimizedModule keeps the module it wraps
@@ -210,3 +213,28 @@ def bound_forward(
     if not replaced:
         return model
     return lambda x: functional_call(model, replaced, (x,))
+
+
+def working_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype projections run in: float64 for a float64 model, else float32."""
+    param = next(model.parameters(), None)
+    return torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+@contextlib.contextmanager
+def projection_state(model: nn.Module) -> Iterator[None]:
+    """Eval mode, gradients on (even under ``no_grad``/``inference_mode``), no autocast, and compiled code run
+    eagerly (so that hooks and the rule see every op), then everything restored."""
+    with (
+        eval_mode(model),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(model_device(model).type, enabled=False),
+        torch.compiler.set_stance("force_eager"),
+    ):
+        yield

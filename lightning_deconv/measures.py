@@ -20,7 +20,7 @@ from lightning_deconv.analysis.settling import cka_from_grams, dead_share, drift
 from lightning_deconv.layers import named_layers
 from lightning_deconv.monitoring import Sink
 from lightning_deconv.render import filter_grid
-from lightning_deconv.selection import Trace
+from lightning_deconv.stages import Trace
 
 __all__ = ["CHARTS", "Measures"]
 

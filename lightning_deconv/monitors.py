@@ -18,8 +18,10 @@ from torch import Tensor
 from lightning_deconv._compat import callback_bases
 from lightning_deconv._trainer import fire_safely, shard, validation_data
 from lightning_deconv.analysis.occlusion import occlusion
-from lightning_deconv.analysis.top_k import TopK, merge_top_k, project_top_k, save_top_k, top_k
+from lightning_deconv.analysis.top_k import project_top_k, top_k
+from lightning_deconv.analysis.top_k_files import save_top_k
 from lightning_deconv.checks import check_int
+from lightning_deconv.maxima import TopK, merge_top_k
 from lightning_deconv.monitoring import PAPER_EPOCHS, Schedule, Scheduled, Sink
 from lightning_deconv.record import save_png
 from lightning_deconv.render import occlusion_grid, top_k_grid
@@ -116,10 +118,10 @@ class TopKMonitor(Scheduled, *callback_bases()):
             batch_size=self.watch.batch_size,
             max_batches=batches,
             keep_images=True,
-            key=self.watch.image_key,
+            image_key=self.watch.image_key,
             state=state,
         )
-        return {layer: replace(t, index=t.index * world + rank) for layer, t in found.items()}
+        return {layer: replace(t, source=t.source * world + rank) for layer, t in found.items()}
 
     def _record(self, trainer: Any, epoch: int, top: dict[str, TopK], start: float) -> None:
         """The PNGs, then the top-k file (the commit point), then the log."""
@@ -223,9 +225,9 @@ class OcclusionMonitor(Scheduled, *callback_bases()):
             found = occlusion(
                 self.watch.model,
                 images.to(self.watch.device),
-                max(1, side // 4),
-                max(1, side // 16),
-                layer=layer,
+                layer,
+                patch=max(1, side // 4),
+                stride=max(1, side // 16),
             )
             Sink(trainer).images(
                 {"deconv/occlusion": occlusion_grid(images, found.feature, found.probability, found.label)}, epoch

@@ -55,7 +55,7 @@ def _is_map_style(data: Any) -> bool:
         return False
 
 
-def _from_items(dataset: Dataset, count: int, seed: int, key: str | None) -> list[Tensor]:
+def _from_items(dataset: Dataset, count: int, seed: int, image_key: str | None) -> list[Tensor]:
     """``count`` items at seeded random indices, each loaded with the streams seeded from its index."""
     size = len(dataset)
     if size == 0:
@@ -64,17 +64,17 @@ def _from_items(dataset: Dataset, count: int, seed: int, key: str | None) -> lis
     images = []
     for index in indices.tolist():
         _seed_all(seed * 1_000_003 + index)
-        images.append(images_in(dataset[index], key))
+        images.append(images_in(dataset[index], image_key))
     return images
 
 
-def _from_stream(data: Iterable, count: int, seed: int, key: str | None, batched: bool | None) -> list[Tensor]:
+def _from_stream(data: Iterable, count: int, seed: int, image_key: str | None, batched: bool | None) -> list[Tensor]:
     """The first ``count`` images of an iterable of items (``batched=False``) or batches (``True``; ``None``:
     told apart by their dimensions), with the streams seeded once before the first."""
     _seed_all(seed)
     images: list[Tensor] = []
     for element in data:
-        found = images_in(element, key)
+        found = images_in(element, image_key)
         is_batch = batched if batched is not None else found.dim() == 4
         images.extend(found.unbind(0) if is_batch else [found])
         if len(images) >= count:
@@ -85,13 +85,13 @@ def _from_stream(data: Iterable, count: int, seed: int, key: str | None, batched
 
 
 def draw_probe(
-    data: Tensor | Dataset | DataLoader | Iterable, count: int, seed: int = 0, key: str | None = None
+    data: Tensor | Dataset | DataLoader | Iterable, count: int, seed: int = 0, image_key: str | None = None
 ) -> Tensor:
     """A fixed probe set of up to ``count`` images from ``data``, the same every time for the same ``seed``.
 
     A tensor or a map-style dataset gives ``count`` images at seeded random indices (in index order); an
     iterable dataset, a loader over one, or any iterable of batches gives its first ``count`` images. Items
-    and batches may be tensors, ``(image, ...)`` tuples or dicts (the image under ``key``, else a usual key
+    and batches may be tensors, ``(image, ...)`` tuples or dicts (the image under ``image_key``, else a usual key
     such as ``"image"``). Random transforms are made deterministic by seeding each item, and the caller's
     random streams (Python, NumPy, torch CPU and CUDA) are left as they were.
 
@@ -113,18 +113,18 @@ def draw_probe(
     check_int(count, "count")
     with untouched_rng():
         if isinstance(data, Tensor):
-            images = _from_items(data, count, seed, key)
+            images = _from_items(data, count, seed, image_key)
         elif isinstance(data, DataLoader) and data.dataset is not None:
             source = data.dataset
             images = (
-                _from_items(source, count, seed, key)
+                _from_items(source, count, seed, image_key)
                 if _is_map_style(source)
-                else _from_stream(source, count, seed, key, batched=False)
+                else _from_stream(source, count, seed, image_key, batched=False)
             )
         elif _is_map_style(data):
-            images = _from_items(data, count, seed, key)
+            images = _from_items(data, count, seed, image_key)
         elif isinstance(data, Iterable):
-            images = _from_stream(islice(data, 10 * count), count, seed, key, batched=None)
+            images = _from_stream(islice(data, 10 * count), count, seed, image_key, batched=None)
         else:
             raise TypeError(
                 f"Cannot draw probe images from a {type(data).__name__}; give a tensor, a Dataset or a DataLoader."

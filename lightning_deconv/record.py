@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "read_firings",
     "remove_temporaries",
     "save_png",
+    "saved_field",
     "set_aside",
 ]
 
@@ -243,6 +244,23 @@ def find_firings(run_dir: str | Path, name: str | None = None, pattern: str = "e
         names = ", ".join(sorted([newest.name, *siblings]))
         raise RecordError(newest.parent, f"holds several monitors ({names})", "Choose one with --name NAME")
     return sorted(newest.glob(pattern))
+
+
+_EARLIER_NAMES = {"images": "projections", "source": "index"}
+
+
+def saved_field(layer: Mapping[str, Any], field: str) -> Any:
+    """A field of one saved layer of a firing or top-k file, also from files of earlier versions, which named
+    a firing's ``"images"`` ``"projections"`` (version 2) and a top-k file's ``"source"`` ``"index"`` (version 1).
+
+    Example::
+
+        >>> saved_field({"projections": 1}, "images"), saved_field({"images": 2}, "images")
+        (1, 2)
+    """
+    if field in layer or field not in _EARLIER_NAMES:
+        return layer[field]
+    return layer[_EARLIER_NAMES[field]]
 
 
 def read_firings(paths: Iterable[str | Path], format: str | None = FIRING_FORMAT) -> list[dict[str, Any]]:

@@ -27,7 +27,8 @@ from lightning_deconv.engine import Projection, Projector, check_rule_and_mode
 from lightning_deconv.layers import check_images, layer_name
 from lightning_deconv.probe import draw_probe, untouched_rng
 from lightning_deconv.record import remove_temporaries, set_aside
-from lightning_deconv.selection import Trace, auto_layers, choose_features, trace
+from lightning_deconv.selection import choose_features
+from lightning_deconv.stages import Trace, auto_layers, trace
 
 __all__ = ["Watch", "own_watch"]
 
@@ -138,7 +139,7 @@ class Watch:
         layers = self.layers if isinstance(self.layers, str) else list(self.layers)
         return {
             "probe": probe_id,
-            "probe_key": self.image_key,  # the name earlier versions saved, so that their checkpoints still match
+            "probe_key": self.image_key,  # the old name: the default folder and state_key are a digest of these
             "layers": layers if not self.explicit_features else None,
             "features_per_layer": self.features_per_layer if not self.explicit_features else None,
             "features": self.explicit_features or None,
@@ -213,7 +214,7 @@ class Watch:
             for rank, part in enumerate(parts):
                 if layer in part["images"]:
                     images[rank::world] = part["images"][layer]
-            merged[layer] = self.plan.finish(layer, images, found, self.probe)
+            merged[layer] = Projection.assemble(self.plan.layers[layer], images, found, self.probe)
         return merged
 
     def _draw_probe(self, trainer: Any) -> Tensor:
@@ -259,7 +260,13 @@ class Watch:
 
     def _make_plan(self, model: nn.Module) -> Projector:
         return Projector(
-            model, self.features, self.probe.shape[1:], self.rule, self.mode, self.crop, batch_size=self.batch_size
+            model,
+            self.features,
+            input_size=self.probe.shape[1:],
+            rule=self.rule,
+            mode=self.mode,
+            crop=self.crop,
+            batch_size=self.batch_size,
         )
 
     # ------------------------------------------------------------------ checkpoints

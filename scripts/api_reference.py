@@ -16,11 +16,12 @@ PATH = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 GROUPS = {
     "The monitors (callbacks)": ["DeconvCallback", "TopKMonitor", "OcclusionMonitor", "Watch", "PAPER_EPOCHS"],
     "Projection engine": [
-        *("deconvolve", "project", "Projector", "Projection", "find_maxima", "Maxima", "choose_features"),
+        *("deconvolve", "project", "Projector", "Projection", "find_maxima", "TopK", "merge_top_k"),
+        "choose_features",
         *("receptive_field", "ReceptiveField"),
     ],
     "Analyses (the paper's figures)": [
-        *("top_k", "merge_top_k", "project_top_k", "save_top_k", "load_top_k", "TopK"),
+        *("top_k", "project_top_k", "save_top_k", "load_top_k"),
         *(
             "occlusion",
             "Occlusion",

@@ -41,7 +41,7 @@ import torch
 from lightning_deconv import Projector, choose_features, deconvolve, find_maxima
 from lightning_deconv.layers import eval_mode, resolve_layers, run_until
 from lightning_deconv.paper.models import ZFNet
-from lightning_deconv.selection import auto_layers, trace
+from lightning_deconv.stages import auto_layers, trace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def captum_loop(model: torch.nn.Module, probe: torch.Tensor, maxima: dict) -> Ca
                 deconv = NeuronDeconvolution(model, modules[layer])
                 rows = [
                     deconv.attribute(probe[s : s + 1], neuron_selector=(int(c), int(p[0]), int(p[1])))
-                    for c, s, p in zip(found.channels, found.source, found.position, strict=True)
+                    for c, s, p in zip(found.channels, found.source[:, 0], found.position[:, 0], strict=True)
                 ]
                 out[layer] = torch.cat(rows).detach().float().cpu()
         return out
@@ -161,7 +161,7 @@ def public_call(model, probe, features, repeats, device, amp) -> dict:
         "forward_channels_last": plain_forward(channels_last, probe_cl, deepest, amp),
         "deconvolve": lambda: deconvolve(model, probe, wanted),
         "captum": captum_loop(model, probe, maxima),
-        "deconvolve_single": lambda: deconvolve(model, probe, single, wanted[single]),
+        "deconvolve_single": lambda: deconvolve(model, probe, {single: wanted[single]}),
         "captum_single": captum_loop(model, probe, {single: maxima[single]}),
     }
     t = timed(fns, repeats, device)
@@ -183,13 +183,14 @@ def public_call(model, probe, features, repeats, device, amp) -> dict:
         "single_captum_over_call": t["captum_single"]["median"] / t["deconvolve_single"]["median"],
         "max_rel_error_vs_captum": max(errors),
         "windows": {
-            k: None if v is None else list(v.size) for k, v in Projector(model, wanted, probe.shape[1:]).windows.items()
+            k: None if v.windows is None else list(v.windows.size)
+            for k, v in Projector(model, wanted, input_size=probe.shape[1:]).layers.items()
         },
     }
 
 
 def memory_across_firings(model, probe, features, firings, device) -> dict:
-    plan = Projector(model, zfnet_features(model, features), probe.shape[1:])
+    plan = Projector(model, zfnet_features(model, features), input_size=probe.shape[1:])
     plan(probe)  # warm-up: allocator pools and oneDNN primitives
     after, peaks = [], []
     for _ in range(firings):
@@ -212,7 +213,7 @@ def memory_across_firings(model, probe, features, firings, device) -> dict:
 def scaling(model, device, repeats, probes, features, base_probe, base_features) -> dict:
     def one(n, k):
         probe = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(n)).to(device)
-        plan = Projector(model, zfnet_features(model, k), probe.shape[1:])
+        plan = Projector(model, zfnet_features(model, k), input_size=probe.shape[1:])
         return timed({"firing": lambda: plan(probe)}, repeats, device)["firing"]["median"]
 
     return {
@@ -349,7 +350,7 @@ def _call_rows(report: dict) -> list[str]:
         f"{_seconds(t['captum'])} |",
         f"| **Captum / the call's cost beyond the forward** (target >= 10x; max rel. difference "
         f"{c['max_rel_error_vs_captum']:.1e}) | **{c['captum_over_beyond']:.1f}x** |",
-        f"| single layer `deconvolve(model, probe, {c['single_layer']!r}, {per} channels)` | "
+        f"| single layer `deconvolve(model, probe, {{{c['single_layer']!r}: {per} channels}})` | "
         f"{_seconds(t['deconvolve_single'])} ({c['single_ratio_to_limit']:.2f}x the forward) |",
         f"| Captum for that layer's {per} features | {_seconds(t['captum_single'])}: "
         f"{c['single_captum_over_call']:.1f}x the whole call, "

@@ -89,7 +89,7 @@ def compare(setting: dict, ppes: list[int], repeats: int, seed: int) -> dict:
     model.eval()
     images = torch.randn(setting["images"], 3, setting["size"], setting["size"])
     patch, stride = setting["patch"], setting["stride"]
-    ours = occlusion(model, images, patch, stride)
+    ours = occlusion(model, images, patch=patch, stride=stride)
     targets = ours.targets
     captum = CaptumOcclusion(lambda x: model(x).softmax(dim=1))
 
@@ -99,8 +99,10 @@ def compare(setting: dict, ppes: list[int], repeats: int, seed: int) -> dict:
         return lambda: last.__setitem__(name, fn())
 
     fns: dict[str, Callable[[], object]] = {
-        "ours": keep("ours", lambda: occlusion(model, images, patch, stride, targets=targets)),
-        "ours_full": keep("full", lambda: occlusion(model, images, patch, stride, targets=targets, incremental=False)),
+        "ours": keep("ours", lambda: occlusion(model, images, patch=patch, stride=stride, targets=targets)),
+        "ours_full": keep(
+            "full", lambda: occlusion(model, images, patch=patch, stride=stride, targets=targets, incremental=False)
+        ),
     }
     for ppe in ppes:
         fns[f"captum_ppe{ppe}"] = keep(

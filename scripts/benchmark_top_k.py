@@ -117,7 +117,7 @@ def memory_child(setup: str, n: int, features: int, batch_size: int) -> dict:
     loader = DataLoader(NoiseImages(n, size), batch_size=batch_size)
     before = rss_mb()
     found = top_k(model, loader, features_of(model, features), k=9)
-    held = [t for top in found.values() for t in (top.value, top.index, top.position, top.switch, top.images)]
+    held = [t for top in found.values() for t in (top.value, top.source, top.position, top.switch, top.images)]
     result = sum(t.nbytes for t in held if t is not None) / 2**20
     return {"before_mb": before, "peak_mb": peak_rss_mb(), "result_mb": result}
 

@@ -16,7 +16,7 @@ import torch
 
 from lightning_deconv.analysis.spectrum import aliasing, filter_spectrum
 from lightning_deconv.paper.figure6 import last_firing
-from lightning_deconv.record import find_firings, read_firings
+from lightning_deconv.record import find_firings, read_firings, saved_field
 
 
 def noise_shares(kernel: tuple[int, int], samples: int = 4000) -> torch.Tensor:
@@ -43,7 +43,7 @@ def main() -> None:
         rms = weight.flatten(1).pow(2).mean(dim=1).sqrt()
         logged = firing["measures"]
         dead = {n.split(".")[-1]: logged[f"deconv/{n}/dead"] for n in firing["layers"]}
-        projections = firing["layers"][args.layer]["projections"]
+        projections = saved_field(firing["layers"][args.layer], "images")
         side = projections.shape[-1]
         common = {p: aliasing(projections, p).nanmean().item() for p in (2, 4)}
         rows.append(

@@ -1,4 +1,5 @@
-"""Run files of the layout DeconvCallback writes (firing files version 2, top-k files), made up without training.
+"""Run files of the layout DeconvCallback writes (firing files version 3, top-k files version 2, or the previous
+versions 2 and 1), made up without training.
 
 For the Deconv dashboard's tests and its loading benchmark (``scripts/benchmark_dashboard.py``).
 """
@@ -27,8 +28,10 @@ def synthetic_firing(
     image: int = 32,
     name: str = "probe",
     seed: int = 0,
+    version: int = 3,
 ) -> dict:
-    """One version-2 firing dict: layer ``l`` (``"conv<l>"``) has crops of ``7 + 6 l + epoch`` pixels (so sizes
+    """One firing dict of ``version`` (2 saved the projections under ``"projections"``, 3 under ``"images"``):
+    layer ``l`` (``"conv<l>"``) has crops of ``7 + 6 l + epoch`` pixels (so sizes
     differ between epochs), feature 0 of the last layer is dead, feature 1 of the first is NaN after epoch 2,
     and the probe images of the sources are kept."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -48,7 +51,7 @@ def synthetic_firing(
         patches = torch.stack([pixels[s, :, rows, cols].float() / 255 for s, rows, cols in cut])
         saved[f"conv{number}"] = {
             "channels": torch.arange(features) * 2 + number,
-            "projections": projections,
+            "images" if version >= 3 else "projections": projections,
             "crops": torch.stack([projections[f, :, rows, cols] for f, (_, rows, cols) in enumerate(cut)]),
             "patches": patches,
             "source": source,
@@ -65,7 +68,7 @@ def synthetic_firing(
     index = torch.tensor(sorted(used))
     return {
         "format": FIRING_FORMAT,
-        "version": 2,
+        "version": version,
         "epoch": epoch,
         "name": name,
         "settings": {"features_per_layer": features},
@@ -77,8 +80,9 @@ def synthetic_firing(
     }
 
 
-def synthetic_top_k(firing: dict, k: int = 9, seed: int = 0) -> dict:
-    """A top-k file dict (as ``save_top_k`` writes) for the layers and channels of ``firing``."""
+def synthetic_top_k(firing: dict, k: int = 9, seed: int = 0, version: int = 2) -> dict:
+    """A top-k file dict (as ``save_top_k`` writes) for the layers and channels of ``firing`` (version 1 saved
+    the images' indices under ``"index"``, 2 under ``"source"``)."""
     g = torch.Generator().manual_seed(seed)
     layers = {}
     for name, saved in firing["layers"].items():
@@ -86,7 +90,7 @@ def synthetic_top_k(firing: dict, k: int = 9, seed: int = 0) -> dict:
         layers[name] = {
             "channels": saved["channels"],
             "value": torch.rand(f, k, generator=g).sort(dim=1, descending=True).values,
-            "index": torch.randint(0, 100, (f, k), generator=g),
+            "source" if version >= 2 else "index": torch.randint(0, 100, (f, k), generator=g),
             "position": torch.zeros(f, k, 2, dtype=torch.long),
             "map_size": (8, 8),
             "switch": None,
@@ -94,15 +98,18 @@ def synthetic_top_k(firing: dict, k: int = 9, seed: int = 0) -> dict:
             "patches": torch.rand(f, k, 3, size, size, generator=g),
             "boxes": torch.zeros(f, k, 4, dtype=torch.long),
         }
-    return {"format": TOP_K_FORMAT, "version": 1, "epoch": firing["epoch"], "k": k, "layers": layers}
+    return {"format": TOP_K_FORMAT, "version": version, "epoch": firing["epoch"], "k": k, "layers": layers}
 
 
-def write_synthetic_run(folder: Path, epochs: int = 3, top_k: int | None = 9, **sizes) -> list[dict]:
+def write_synthetic_run(folder: Path, epochs: int = 3, top_k: int | None = 9, version: int = 3, **sizes) -> list[dict]:
     """Write ``epoch_001.pt`` ... and (with ``top_k``) the last epoch's ``top<k>_epoch_XXX.pt`` into the
-    monitor folder ``folder``; returns the firing dicts."""
-    firings = [synthetic_firing(epoch, **sizes) for epoch in range(1, epochs + 1)]
+    monitor folder ``folder``, firing files of ``version`` (3, or the previous 2 with top-k files of version 1);
+    returns the firing dicts."""
+    firings = [synthetic_firing(epoch, version=version, **sizes) for epoch in range(1, epochs + 1)]
     for firing in firings:
         atomic_save(firing, Path(folder) / f"epoch_{firing['epoch']:03d}.pt")
     if top_k:
-        atomic_save(synthetic_top_k(firings[-1], top_k), Path(folder) / f"top{top_k}_epoch_{epochs:03d}.pt")
+        atomic_save(
+            synthetic_top_k(firings[-1], top_k, version=version - 1), Path(folder) / f"top{top_k}_epoch_{epochs:03d}.pt"
+        )
     return firings

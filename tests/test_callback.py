@@ -75,10 +75,10 @@ def test_logs_evolution_grids_and_saves_each_firing(tmp_path):
     # the last firing used the final weights: its projections are the engine's on the trained model
     saved = torch.load(callback.folder / "epoch_003.pt")
     for layer in layers:
-        want = deconvolve(model, PROBE, layer, callback.features[layer])
+        want = deconvolve(model, PROBE, {layer: callback.features[layer]})[layer]
         got = saved["layers"][layer]
         assert torch.equal(got["source"], want.source) and torch.equal(got["position"], want.position)
-        assert torch.allclose(got["projections"], want.images, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(got["images"], want.images, rtol=1e-4, atol=1e-6)
         assert got["crops"].shape[-1] == (9 if layer == "net.3" else 21)  # 5 + 2*2, then + 2*4 + 1*4
         now = callback.snapshot()[layer]  # the same projection on demand, without logging
         assert torch.equal(now.source, got["source"]) and torch.allclose(now.crops, got["crops"])
@@ -227,9 +227,9 @@ def test_ddp_splits_the_work_and_logs_once(tmp_path):
     model.load_state_dict(torch.load(tmp_path / "final.pt"))
     saved = torch.load(folder / "epoch_002.pt")["layers"]
     for layer, got in saved.items():
-        want = deconvolve(model, dataset(12, 7).tensors[0], layer, got["channels"])
+        want = deconvolve(model, dataset(12, 7).tensors[0], {layer: got["channels"]})[layer]
         assert torch.equal(got["position"], want.position)
-        assert torch.allclose(got["projections"], want.images, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(got["images"], want.images, rtol=1e-4, atol=1e-6)
 
 
 def test_standalone_pytorch_lightning_trainer(tmp_path):
@@ -306,7 +306,7 @@ def test_occlusion_maps_are_logged_at_their_epochs(tmp_path):
     events = EventAccumulator(str(trainer.log_dir), size_guidance={"images": 0})
     events.Reload()
     logged = events.Images("deconv/occlusion")[-1]
-    found = occlusion(model, PROBE[:2], 8, 2, layer="net.6")
+    found = occlusion(model, PROBE[:2], "net.6", patch=8, stride=2)
     want = occlusion_grid(PROBE[:2], found.feature, found.probability, found.label)
     import io
 
@@ -324,7 +324,8 @@ def test_occlusion_maps_are_logged_at_their_epochs(tmp_path):
 def test_top_k_over_the_validation_set_at_the_end(tmp_path):
     """Fig. 2 live: the saved top k equal top_k() over the validation set on the final weights, projected as the
     engine projects them, drawn as a picture and logged."""
-    from lightning_deconv.analysis.top_k import load_top_k, project_top_k, top_k
+    from lightning_deconv.analysis.top_k import project_top_k, top_k
+    from lightning_deconv.analysis.top_k_files import load_top_k
 
     callback = DeconvCallback(probe=PROBE, features_per_layer=2, epochs=(1,), top_k=4)
     trainer, model = fit(tmp_path, [callback], max_epochs=2)
@@ -332,9 +333,9 @@ def test_top_k_over_the_validation_set_at_the_end(tmp_path):
     saved = load_top_k(callback.folder / "top4_epoch_002.pt")
     val = dataset(32, 1)  # Tiny's validation set
     want = top_k(model, val, callback.features, k=4)
-    projected = project_top_k(model, want, val)
+    projected = project_top_k(model, want, data=val)
     for layer, got in saved.top.items():
-        assert torch.equal(got.index, want[layer].index) and torch.equal(got.position, want[layer].position)
+        assert torch.equal(got.source, want[layer].source) and torch.equal(got.position, want[layer].position)
         crops = projected[layer].crops.unflatten(0, (2, 4))
         assert torch.allclose(saved.crops[layer], crops, rtol=1e-4, atol=1e-6)
         assert (callback.folder / f"{layer}_top4.png").exists()

@@ -299,7 +299,8 @@ def test_ddp_functional_pooling_support_crops_and_a_failing_rank(tmp_path):
     assert result["failing"] == {"net.conv1": [2], "net.relu": [2]}  # epoch 1 failed on rank 1: skipped
     assert "rank 1: RuntimeError: rank 1 broke" in result["warning"]
     # Fig. 2 over a validation set sharded across the ranks equals the single-process top k on the same weights
-    from lightning_deconv.analysis.top_k import load_top_k, top_k
+    from lightning_deconv.analysis.top_k import top_k
+    from lightning_deconv.analysis.top_k_files import load_top_k
 
     model = Classifier(FunctionalPooling)
     model.load_state_dict(torch.load(tmp_path / "top_k_model.pt"))
@@ -307,4 +308,4 @@ def test_ddp_functional_pooling_support_crops_and_a_failing_rank(tmp_path):
     saved = load_top_k(path)
     want = top_k(model, TensorDataset(*images(11, seed=3)), {layer: t.channels for layer, t in saved.top.items()}, k=3)
     for layer, got in saved.top.items():
-        assert torch.equal(got.index, want[layer].index) and torch.allclose(got.value, want[layer].value)
+        assert torch.equal(got.source, want[layer].source) and torch.allclose(got.value, want[layer].value)

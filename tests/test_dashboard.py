@@ -36,7 +36,7 @@ from lightning_deconv.tensorboard.store import RunStore
 from lightning_deconv.tensorboard.views import BadRequest, NotFound, Views
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = "exp/version_0/deconv/probe"  # the made-up version-2 run's id: its monitor folder under the logdir
+RUN = "exp/version_0/deconv/probe"  # the made-up version-3 run's id: its monitor folder under the logdir
 SECRET = "secret-token-outside-the-logdir"
 
 
@@ -90,7 +90,7 @@ def test_views_match_the_files(synthetic):
     logdir, firings = synthetic
     views = Views(RunStore(logdir))
     (run,) = views.runs()["runs"]
-    assert run["run"] == RUN and run["version"] == 2 and run["name"] == "probe"
+    assert run["run"] == RUN and run["version"] == 3 and run["name"] == "probe"
     assert run["epochs"] == [1, 2, 3] and run["top_k_epochs"] == [3] and run["skipped"] == []
     for layer, saved in firings[0]["layers"].items():
         assert run["layers"][layer] == {"features": saved["channels"].tolist(), "epochs": [1, 2, 3]}
@@ -132,6 +132,37 @@ def test_views_match_the_files(synthetic):
     assert np.array_equal(shown[~frame], pixels[~frame]) and (shown[frame] == [230, 30, 30]).all()
     top_crop = _png(views.image(RUN, "conv1", "3", "3", "top_crop", "8"))
     assert top_crop.shape[:2] == tuple(firings[-1]["layers"]["conv1"]["crops"].shape[-2:])
+
+
+def _without_versions(found: Any) -> Any:
+    """The routes' answers without the files' version stamps (modification time and size)."""
+    if isinstance(found, dict):
+        return {k: _without_versions(v) for k, v in found.items() if k != "version"}
+    if isinstance(found, (list, tuple)):
+        return [_without_versions(v) for v in found]
+    return found
+
+
+def test_files_of_the_previous_version_read_the_same(tmp_path):
+    """Firing files of version 2 ("projections") and top-k files of version 1 ("index") show as the current ones
+    (the same made-up values saved under the new names), in the dashboard and in Figure 4."""
+    from lightning_deconv.paper.figure4 import figure4
+
+    shown, drawn = {}, {}
+    for version in (2, 3):
+        logdir = tmp_path / f"v{version}"
+        firings = write_synthetic_run(logdir / RUN, epochs=3, top_k=9, version=version)
+        views = Views(RunStore(logdir))
+        assert views.runs()["runs"][0]["version"] == version
+        feature = views.feature(RUN, "conv1", "3")
+        saved = torch.load(logdir / RUN / "top9_epoch_003.pt", weights_only=True)["layers"]["conv1"]
+        assert feature["top_k"]["source"] == saved["source" if version == 3 else "index"][1].tolist()
+        matrix = views.matrix(RUN, "conv0")
+        shown[version] = _without_versions((matrix, feature)), views.strip(RUN, "conv0", "2", "crops")
+        drawn[version] = np.asarray(Image.open(figure4(logdir / RUN, tmp_path / f"f{version}.png")).convert("RGB"))
+        assert len(firings) == 3
+    assert shown[2] == shown[3]
+    assert np.array_equal(drawn[2], drawn[3])
 
 
 def test_each_file_is_read_once_per_version(synthetic, monkeypatch):

@@ -82,7 +82,7 @@ def test_measures_are_logged_saved_and_equal_the_functions_on_the_run(run):
         assert last["measures"][f"deconv/net.0/spectrum/{band}"] == pytest.approx(share, abs=1e-6)
     assert shares[1] < 0.2 and shares[2] > 0.5  # still checkerboards after three epochs at lr 1e-3
     for layer in ("net.2", "net.4"):
-        want = aliasing(last["layers"][layer]["projections"], period=4).nanmean().item()  # dead: NaN
+        want = aliasing(last["layers"][layer]["images"], period=4).nanmean().item()  # dead: NaN
         assert last["measures"][f"deconv/{layer}/aliasing"] == pytest.approx(want, rel=1e-5)
 
 

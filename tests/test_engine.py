@@ -31,7 +31,7 @@ def live_channels(net: nn.Sequential, images: torch.Tensor, upto: int) -> list[i
 @pytest.mark.parametrize("upto", [2, 4, 6, 11, 12])
 def test_matches_explicit_deconvnet(zf_net, probe, rule, mode, upto):
     channels = [0, 3, 7]
-    got = deconvolve(zf_net, probe, layer=str(upto), channels=channels, mode=mode, rule=rule)
+    got = deconvolve(zf_net, probe, {str(upto): channels}, mode=mode, rule=rule)[str(upto)]
     with torch.no_grad():
         acts = zf_net[: upto + 1](probe.clone())
     for k, channel in enumerate(channels):
@@ -51,7 +51,7 @@ def test_shared_switches_add_up(zf_net, probe):
     _, switches = F.max_pool2d(x, 3, 2, 1, return_indices=True)
     flat = switches.flatten(2)
     assert (flat.sort(dim=2).values.diff(dim=2) == 0).any(), "the fixture must contain shared switches"
-    got = deconvolve(zf_net, probe[:1], layer="2", channels=[1], mode="map")
+    got = deconvolve(zf_net, probe[:1], {"2": [1]}, mode="map")["2"]
     want, _ = explicit_deconvnet(zf_net, probe[:1], 2, 1, None, "deconvnet")
     assert rel_err(got.images[0], want[0]) < 1e-5
     # a unpooling that overwrites instead of adding (max_unpool2d) gives a different answer
@@ -85,7 +85,7 @@ class FunctionalReLUNet(nn.Module):
 def test_functional_relus_get_the_rule(zf_net, probe, layer, upto):
     net = FunctionalReLUNet(zf_net)
     channels = live_channels(zf_net, probe, upto)[:2]
-    got = deconvolve(net, probe, layer=layer, channels=channels)
+    got = deconvolve(net, probe, {layer: channels})[layer]
     for k, channel in enumerate(channels):
         image, row, col = got.source[k].item(), *got.position[k].tolist()
         want, _ = explicit_deconvnet(zf_net, probe[image : image + 1], upto, channel, (row, col), "deconvnet")
@@ -115,7 +115,7 @@ class ResidualNet(nn.Module):
 
 
 def _check_against_swapped(model, images, layer, channels, rule):
-    got = deconvolve(model, images, layer=layer, channels=channels, rule=rule)
+    got = deconvolve(model, images, {layer: channels}, rule=rule)[layer]
     for k, channel in enumerate(channels):
         image, where = got.source[k].item(), tuple(got.position[k].tolist())
         want = swapped_relu_projection(model, images[image : image + 1], layer, channel, where, rule)
@@ -151,7 +151,7 @@ def test_cross_check_with_captum(probe):
     torch.manual_seed(0)
     net = zf_shaped(inplace=False).double()
     channels = live_channels(net, probe, 9)[:3]
-    got = deconvolve(net, probe, layer="9", channels=channels)
+    got = deconvolve(net, probe, {"9": channels})["9"]
     for k, channel in enumerate(channels):
         image, (row, col) = got.source[k].item(), got.position[k].tolist()
         attr = captum.NeuronDeconvolution(net, net[9]).attribute(
@@ -163,7 +163,7 @@ def test_cross_check_with_captum(probe):
 def test_batched_and_stops_at_layer(zf_net, probe):
     batches, later_calls = [], []
     zf_net[9].register_forward_hook(lambda m, i, o: later_calls.append(1))
-    plan = Projector(zf_net, {"5": [0, 1, 2, 3]}, probe.shape[1:])
+    plan = Projector(zf_net, {"5": [0, 1, 2, 3]}, input_size=probe.shape[1:])
     zf_net[0].register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
     plan(probe)
     assert batches[0] == len(probe)  # one pass to find the maxima
@@ -178,7 +178,7 @@ def test_find_maxima_one_pass_for_all_layers(zf_net, probe):
     assert calls == [2, 2, 1]
     with torch.no_grad():
         deep = zf_net[:12](probe.clone())
-    assert (found["11"].source.item(), *found["11"].position[0].tolist()) == strongest(deep, 3)
+    assert (found["11"].source.item(), *found["11"].position[0, 0].tolist()) == strongest(deep, 3)
 
 
 def _state(model):
@@ -218,7 +218,7 @@ def test_no_side_effects(context):
     ctx = {"plain": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
     with ctx[context]():
         probe = images.clone()  # an inference tensor under inference_mode, as in Lightning's hooks
-        got = deconvolve(model, probe, layer="0.block", channels=[0, 3])
+        got = deconvolve(model, probe, {"0.block": [0, 3]})["0.block"]
     assert got.images.abs().sum() > 0
     _assert_same(before, _state(model))
 
@@ -227,10 +227,10 @@ def test_no_side_effects(context):
 def test_low_precision_model_is_projected_in_float32(zf_net, probe, dtype):
     low = copy.deepcopy(zf_net).to(dtype)
     rounded = copy.deepcopy(low).float()  # the same weight values, held in float32
-    got = deconvolve(low, probe.float(), layer="6", channels=[1, 2])
+    got = deconvolve(low, probe.float(), {"6": [1, 2]})["6"]
     assert got.images.dtype == torch.float32 and next(low.parameters()).dtype == dtype
-    maxima = find_maxima(low, probe.float(), {"6": [1, 2]})["6"]
-    want = project(rounded, probe.float(), "6", maxima)
+    maxima = find_maxima(low, probe.float(), {"6": [1, 2]})
+    want = project(rounded, probe.float(), maxima)["6"].images
     assert rel_err(got.images, want) < 1e-5
 
 
@@ -253,14 +253,15 @@ def test_clear_errors(kwargs, message):
     net = nn.Sequential(OrderedDict(features=zf_shaped(), flatten=nn.Flatten(), fc=nn.LazyLinear(4)))
     net(torch.rand(1, 3, 97, 91))
     args = {"images": torch.rand(2, 3, 97, 91), "layer": "features.3", "channels": [0], **kwargs}
+    options = {name: args[name] for name in ("rule", "mode") if name in args}
     with pytest.raises((ValueError, TypeError), match=message):
-        deconvolve(net, **args)
+        deconvolve(net, args["images"], {args["layer"]: args["channels"]}, **options)
 
 
 def test_non_spatial_layer_is_rejected():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
     with pytest.raises(ValueError, match="not a 4-D"):
-        deconvolve(net, torch.rand(2, 3, 16, 16), layer="2", channels=[0])
+        deconvolve(net, torch.rand(2, 3, 16, 16), {"2": [0]})
 
 
 @pytest.mark.parametrize(
@@ -282,18 +283,19 @@ def test_projection_on_receptive_field_windows_is_exact(builder, layer, size):
     images = torch.randn(6, 3, size, size + 2, dtype=torch.float64)
     field = receptive_field(model, layer, tuple(images.shape[1:]))
     maxima = find_maxima(model.eval(), images, {layer: list(range(8))})[layer]
-    plan = Projector(model, {layer: maxima.channels}, images.shape[1:])
+    plan = Projector(model, {layer: maxima.channels}, input_size=images.shape[1:])
     pool = dict(model.named_modules())[layer]
     if isinstance(pool, nn.MaxPool2d):  # projections start at the switch, in the pooling's input
-        field, positions = input_field(field, pool), maxima.switch
+        field, positions = input_field(field, pool), maxima.switch[:, 0]
     else:
-        positions = maxima.position
-    assert plan.windows[layer] == field
+        positions = maxima.position[:, 0]
+    assert plan.layers[layer].windows == field
     boxes = field.windows(positions, images.shape[-2:])
     sides = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1)
     assert (sides < torch.tensor([size, size + 2])).any(dim=1).all(), "the test needs windows smaller than images"
     at_border = (boxes[:, :2] == 0).any(dim=1) | (boxes[:, 2] == size) | (boxes[:, 3] == size + 2)
-    full = Projector(model, {layer: maxima.channels}, images.shape[1:], windows=False).project(images, {layer: maxima})
+    full = Projector(model, {layer: maxima.channels}, input_size=images.shape[1:], windows=False)
+    full = full.project(images, {layer: maxima})
     windowed = plan.project(images, {layer: maxima})
     full, windowed = full[layer].images, windowed[layer].images
     assert full.abs().amax(dim=(1, 2, 3)).gt(0).sum() >= 4
@@ -313,9 +315,9 @@ def test_find_maxima_records_the_pooling_switches(zf_net, probe):
             inputs, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, return_indices=True
         )
         for k, channel in enumerate(maxima.channels.tolist()):
-            row, col = maxima.position[k].tolist()
-            flat = index[maxima.source[k], channel, row, col].item()
-            assert maxima.switch[k].tolist() == [flat // inputs.shape[-1], flat % inputs.shape[-1]]
+            row, col = maxima.position[k, 0].tolist()
+            flat = index[maxima.source[k, 0], channel, row, col].item()
+            assert maxima.switch[k, 0].tolist() == [flat // inputs.shape[-1], flat % inputs.shape[-1]]
 
 
 @pytest.mark.parametrize("layer", ["features.pool2", "features.relu4", "features.pool5"])
@@ -326,13 +328,13 @@ def test_windowed_zfnet_projection_matches_reference(layer):
     model = ZFNet(num_classes=10, width=0.25, input_size=131).eval()
     images = torch.randn(6, 3, 131, 131)
     every = find_maxima(model, images, {layer: range(model.features.conv5.out_channels)})[layer]
-    live = every.channels[every.value > 0][:: max(1, int((every.value > 0).sum()) // 4)][:4]
+    live = every.channels[every.value[:, 0] > 0][:: max(1, int((every.value > 0).sum()) // 4)][:4]
     maxima = find_maxima(model, images, {layer: live})[layer]
-    plan = Projector(model, {layer: maxima.channels}, (3, 131, 131))
-    assert plan.windows[layer] is not None
+    plan = Projector(model, {layer: maxima.channels}, input_size=(3, 131, 131))
+    assert plan.layers[layer].windows is not None
     got = plan.project(images, {layer: maxima})[layer].images
     for k, channel in enumerate(maxima.channels.tolist()):
-        image, where = maxima.source[k].item(), tuple(maxima.position[k].tolist())
+        image, where = maxima.source[k, 0].item(), tuple(maxima.position[k, 0].tolist())
         want = swapped_relu_projection(model, images[image : image + 1], layer, channel, where, "deconvnet")
         assert want.abs().max() > 0
         assert rel_err(got[k], want[0]) < 3e-5  # float32 rounding over five layers

@@ -109,7 +109,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 )
 def test_occlusion_matches_brute_force(net, images, layer, fill, batch_size):
     patch, stride = 7, 3
-    got = occlusion(net, images, patch, stride, fill, layer=str(layer), batch_size=batch_size)
+    got = occlusion(net, images, str(layer), patch=patch, stride=stride, fill=fill, batch_size=batch_size)
     probability, label, feature = brute_force(net, images, patch, stride, fill, net[layer])
     assert got.probability.shape == (3, (23 - 7) // 3 + 1, (30 - 7) // 3 + 1) == (3, 6, 8)
     assert got.probability.dtype == got.feature.dtype == torch.float32
@@ -124,7 +124,7 @@ def test_occlusion_matches_brute_force(net, images, layer, fill, batch_size):
 
 def test_occlusion_given_targets_and_no_layer(net, images):
     targets = [4, 0, 6]
-    got = occlusion(net, images, 9, 5, targets=torch.tensor(targets), batch_size=10)
+    got = occlusion(net, images, patch=9, stride=5, targets=torch.tensor(targets), batch_size=10)
     probability, label, _ = brute_force(net, images, 9, 5, 0.0, targets=targets)
     assert got.targets.tolist() == targets and got.feature is None and got.channel is None
     assert rel_err(got.probability, probability) < 1e-5
@@ -132,7 +132,7 @@ def test_occlusion_given_targets_and_no_layer(net, images):
 
 
 def test_occlusion_whole_image_square(net, images):
-    got = occlusion(net[:5], images[:, :, :20, :20], patch=20, stride=7, layer="4", classify=False)
+    got = occlusion(net[:5], images[:, :, :20, :20], "4", patch=20, stride=7, classify=False)
     assert got.feature.shape == (3, 1, 1)
     with torch.no_grad():
         want = net[:5](torch.zeros(3, 3, 20, 20, dtype=torch.float64))
@@ -145,9 +145,9 @@ def test_feature_only_stops_at_layer(net, images):
     calls = []
     handle = net[9].register_forward_hook(lambda *_: calls.append(1))
     try:
-        alone = occlusion(net, images, 7, 3, layer="4", classify=False)
+        alone = occlusion(net, images, "4", patch=7, stride=3, classify=False)
         assert not calls, "the forward must stop at the layer"
-        both = occlusion(net, images, 7, 3, layer="4")
+        both = occlusion(net, images, "4", patch=7, stride=3)
     finally:
         handle.remove()
     assert calls, "with classify the forward runs to the logits"
@@ -160,7 +160,7 @@ def test_occlusion_zfnet_float32():
     torch.manual_seed(0)
     model = ZFNet(num_classes=10, width=0.125, input_size=64).eval()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    got = occlusion(model, images, 16, 12, layer="features.pool5")
+    got = occlusion(model, images, "features.pool5", patch=16, stride=12)
     probability, label, feature = brute_force(model, images, 16, 12, 0.0, model.features.pool5)
     assert rel_err(got.probability, probability) < 1e-5
     assert rel_err(got.feature, feature) < 1e-5
@@ -231,11 +231,11 @@ def test_incremental_alexnet_like(patch, stride, layer):
     images = torch.randn(2, 3, 67, 71, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the cones can be traced: no fallback
-        got = occlusion(net, images, patch, stride, fill=0.3, layer=layer, batch_size=13)
+        got = occlusion(net, images, layer, patch=patch, stride=stride, fill=0.3, batch_size=13)
     probability, label, feature = brute_force(net, images, patch, stride, 0.3, getattr(net, layer))
     assert rel_err(got.probability, probability) < 1e-5 and rel_err(got.feature, feature) < 1e-5
     assert torch.equal(got.label, label) and (label != label.flatten()[0]).any()
-    alone = occlusion(net, images, patch, stride, fill=0.3, layer=layer, classify=False)
+    alone = occlusion(net, images, layer, patch=patch, stride=stride, fill=0.3, classify=False)
     assert rel_err(alone.feature, feature) < 1e-5
 
 
@@ -248,7 +248,7 @@ def test_incremental_zfnet(patch, stride):
         model.classifier.fc8.weight.mul_(50)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     for layer in ("features.relu1", "features.conv3"):
-        got = occlusion(model, images, patch, stride, layer=layer)
+        got = occlusion(model, images, layer, patch=patch, stride=stride)
         probability, label, feature = brute_force(model, images, patch, stride, 0.0, model.get_submodule(layer))
         assert rel_err(got.probability, probability) < 1e-5 and rel_err(got.feature, feature) < 1e-5
         assert torch.equal(got.label, label)
@@ -262,7 +262,7 @@ def test_incremental_falls_back_with_one_warning(case):
     images = torch.randn(2, 3, 67, 67, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = occlusion(net, images, 12, 11, layer="conv1")
+        got = occlusion(net, images, "conv1", patch=12, stride=11)
     assert len(caught) == 1 and "whole model" in str(caught[0].message)
     probability, label, feature = brute_force(net, images, 12, 11, 0.0, net.conv1)
     assert rel_err(got.probability, probability) < 1e-5 and rel_err(got.feature, feature) < 1e-5
@@ -285,9 +285,9 @@ def test_no_side_effects(images, analysis):
     net[4].eval()  # a mixed state, to be given back as it was
     before = snapshot(net)
     if analysis == "occlusion":
-        occlusion(net, images, 7, 3, layer="2")
+        occlusion(net, images, "2", patch=7, stride=3)
     else:
-        invariance(net, images, ["2", "10"], "rotate", [0, 15])
+        invariance(net, images, ["2", "10"], transform="rotate", amounts=[0, 15])
     after = snapshot(net)
     assert all(torch.equal(a, b) for a, b in zip(before[0].values(), after[0].values(), strict=True))
     assert before[1] == after[1] and net[4].training is False and net.training is True
@@ -317,9 +317,16 @@ def test_occlusion_errors(net, images, kwargs, message):
         occlusion(**arguments)
 
 
+def test_options_are_keyword_only(net, images):
+    with pytest.raises(TypeError, match="positional"):
+        occlusion(net, images, "4", 7, 3)
+    with pytest.raises(TypeError, match="positional"):
+        invariance(net, images, ["4"], "rotate", [0, 10])
+
+
 def test_occlusion_needs_class_logits(net, images):
     with pytest.raises(ValueError, match=r"gives output of shape \(3, 8, 2, 2\).*logits \[N, classes\]"):
-        occlusion(net[:7], images, 7, 3)
+        occlusion(net[:7], images, patch=7, stride=3)
 
 
 # ---------------------------------------------------------------------------------------------- invariance
@@ -348,7 +355,7 @@ def transformed_by_hand(image: torch.Tensor, transform: str, amount: float) -> t
 )
 def test_invariance_matches_explicit_loop(net, images, transform, amounts):
     layers = ["2", "10"]  # a 4-D map under an in-place ReLU, and the fully connected layer 7 analogue
-    got = invariance(net, images, layers, transform, amounts, batch_size=5)
+    got = invariance(net, images, layers, transform=transform, amounts=amounts, batch_size=5)
     assert got.amounts.tolist() == pytest.approx(amounts) and got.probability.shape == (3, len(amounts))
     for i in range(len(images)):
         original = images[i : i + 1]
@@ -376,11 +383,13 @@ def test_transform_images_translate_is_a_shift():
 
 
 def test_invariance_given_targets(net, images):
-    got = invariance(net, images, [net[4]], "scale", [1.2], targets=[6, 5, 4])
+    got = invariance(net, images, [net[4]], transform="scale", amounts=[1.2], targets=[6, 5, 4])
     assert got.targets.tolist() == [6, 5, 4] and list(got.distance) == ["4"]
     logits, _ = output_of(net, transform_images(images, "scale", 1.2), None)
     assert torch.allclose(got.probability[:, 0].double(), F.softmax(logits, 1)[range(3), [6, 5, 4]], rtol=1e-6)
-    unmoved = invariance(net, images[:1], ["4"], "scale", [1.0, 1.0], targets=[6])  # nothing to transform
+    unmoved = invariance(
+        net, images[:1], ["4"], transform="scale", amounts=[1.0, 1.0], targets=[6]
+    )  # nothing to transform
     assert (unmoved.distance["4"] == 0).all() and torch.equal(unmoved.probability[0, 0], unmoved.probability[0, 1])
 
 
@@ -426,7 +435,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 
 def test_figures_from_a_run(run_dir, tmp_path, monkeypatch):
-    from lightning_deconv.paper import figure5, figure7
+    from lightning_deconv.paper import figure5, figure7, runs
 
     small = ["--dpi", "50"]  # few positions and amounts, low resolution: the test is about the plumbing
     square = ["--patch", "32", "--stride", "16"]
@@ -441,7 +450,7 @@ def test_figures_from_a_run(run_dir, tmp_path, monkeypatch):
     for name in ("f7.png", "f5.png"):
         with Image.open(tmp_path / name) as picture:
             assert picture.format == "PNG" and min(picture.size) > 250
-    run = figure7.load_run(run_dir)
+    run = runs.load_run(run_dir)
     assert run.classes == ["astronaut", "coffee", "chelsea", "rocket"] and run.probe.shape == (6, 3, 64, 64)
     with pytest.raises(ValueError, match=r"Probe indices must be in 0..5"):
         figure7.figure7(run_dir, tmp_path / "x.png", images=[6])

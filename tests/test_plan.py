@@ -38,12 +38,12 @@ def test_multi_layer_form_equals_single_layer_and_whole_images(net, rule):
     images = torch.randn(4, 3, size, size + 3, dtype=torch.float64)
     wanted = {layer: [0, 2, 5] for layer in layers}
     many = deconvolve(model, images, wanted, rule=rule)
-    windows = Projector(model, wanted, images.shape[1:], rule=rule).windows
-    assert sum(field is not None for field in windows.values()) >= len(layers) - 1  # the fast path is taken
-    whole = Projector(model, wanted, images.shape[1:], rule=rule, windows=False)(images)
+    plan = Projector(model, wanted, input_size=images.shape[1:], rule=rule)
+    assert sum(layer.windows is not None for layer in plan.layers.values()) >= len(layers) - 1  # the fast path is taken
+    whole = Projector(model, wanted, input_size=images.shape[1:], rule=rule, windows=False)(images)
     assert list(many) == layers
     for layer in layers:
-        one = deconvolve(model, images, layer, wanted[layer], rule=rule)
+        one = deconvolve(model, images, {layer: wanted[layer]}, rule=rule)[layer]
         assert torch.equal(many[layer].source, one.source) and torch.equal(many[layer].position, one.position)
         assert torch.equal(many[layer].images, one.images)
         assert torch.equal(many[layer].boxes, whole[layer].boxes)
@@ -73,12 +73,12 @@ def test_a_field_that_fails_the_check_is_used_neither_for_windows_nor_crops():
     model = HiddenPool().double()
     images = torch.randn(5, 3, 40, 36, dtype=torch.float64)
     with pytest.warns(UserWarning, match="'relu' on whole images"):
-        plan = Projector(model, {"conv1": [0, 1], "relu": [0, 2, 4]}, images.shape[1:])
-    assert plan.windows["conv1"] is not None and plan.fields["conv1"] is not None
-    assert plan.windows["relu"] is None and plan.fields["relu"] is None
+        plan = Projector(model, {"conv1": [0, 1], "relu": [0, 2, 4]}, input_size=images.shape[1:])
+    assert plan.layers["conv1"].windows is not None and plan.layers["conv1"].field is not None
+    assert plan.layers["relu"].windows is None and plan.layers["relu"].field is None
     got = plan(images)["relu"]
     assert torch.equal(got.boxes, support_boxes(got.images))  # cropped to the support, not the wrong field
-    whole = Projector(model, {"relu": [0, 2, 4]}, images.shape[1:], windows=False)(images)["relu"]
+    whole = Projector(model, {"relu": [0, 2, 4]}, input_size=images.shape[1:], windows=False)(images)["relu"]
     assert rel_err(got.images, whole.images) < 1e-12
 
 
@@ -105,7 +105,7 @@ def test_relu_like_activations_get_the_rules_analogue(activation, rule):
             for prelu in (net[1], net[4]):
                 prelu.weight.uniform_(0.05, 0.4)
     images = torch.randn(3, 3, 41, 37, dtype=torch.float64) * 4  # ReLU6's cap is reached
-    got = deconvolve(net, images, "4", [0, 3, 7], rule=rule)
+    got = deconvolve(net, images, {"4": [0, 3, 7]}, rule=rule)["4"]
     for k, channel in enumerate([0, 3, 7]):
         image, where = got.source[k].item(), tuple(got.position[k].tolist())
         want, _ = explicit_deconvnet(net, images[image : image + 1], 4, channel, where, rule)
@@ -117,13 +117,13 @@ def test_smooth_activations_get_one_clear_warning():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
     with pytest.warns(UserWarning, match=r"GELU, SiLU.*ordinary gradient") as caught:
-        got = deconvolve(net, torch.randn(2, 3, 16, 16), "5", [0, 1])
+        got = deconvolve(net, torch.randn(2, 3, 16, 16), {"5": [0, 1]})["5"]
     assert len([w for w in caught if "ordinary gradient" in str(w.message)]) == 1
     assert got.images.abs().amax() > 0
     with warnings.catch_warnings():  # ReLU-only nets, and the plain gradient rule, say nothing
         warnings.simplefilter("error")
-        deconvolve(zf_shaped(), torch.randn(2, 3, 64, 64), "4", [0])
-        deconvolve(net, torch.randn(2, 3, 16, 16), "5", [0], rule="gradient")
+        deconvolve(zf_shaped(), torch.randn(2, 3, 64, 64), {"4": [0]})
+        deconvolve(net, torch.randn(2, 3, 16, 16), {"5": [0]}, rule="gradient")
 
 
 class Wrapper(nn.Module):
@@ -145,19 +145,19 @@ def test_compiled_models_are_named_and_run_as_written():
         for layer in ("2", "7"):
             assert torch.equal(got[prefix + layer].images, want[layer].images)
     with pytest.raises(ValueError, match="Nearest valid names"):
-        deconvolve(torch.compile(net), images, "_orig_mod.2", [0])
+        deconvolve(torch.compile(net), images, {"_orig_mod.2": [0]})
 
 
 def test_plan_is_reused_on_live_weights_and_knows_when_it_no_longer_fits():
     torch.manual_seed(0)
     net = zf_shaped().double()
     images = torch.randn(3, 3, 65, 63, dtype=torch.float64)
-    plan = Projector(net, {"5": [0, 1]}, images.shape[1:])
+    plan = Projector(net, {"5": [0, 1]}, input_size=images.shape[1:])
     before = plan(images)["5"].images
     with torch.no_grad():
         net[3].weight.mul_(-1)  # training moves the weights: the same plan sees the new ones
     after = plan(images)["5"]
-    assert torch.equal(after.images, deconvolve(net, images, "5", [0, 1]).images)
+    assert torch.equal(after.images, deconvolve(net, images, {"5": [0, 1]})["5"].images)
     assert not torch.equal(after.images, before)
     assert plan.fits(net, images.shape[1:]) and not plan.fits(net, (3, 64, 64))
     net.append(nn.Conv2d(16, 4, 1))
@@ -167,31 +167,35 @@ def test_plan_is_reused_on_live_weights_and_knows_when_it_no_longer_fits():
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, message",
+    "args, kwargs, error, message",
     [
-        ({"layer": {"2": [0]}, "channels": [0]}, TypeError, "not both"),
-        ({"channels": None}, TypeError, "Give the `channels`"),
-        ({"crop": "box"}, ValueError, "Unknown crop"),
-        ({"layer": {"2": [0], "5": [99]}, "channels": None}, ValueError, "out of range"),
+        (("2", [0]), {}, TypeError, "positional"),  # the options are keyword-only
+        (("2",), {}, TypeError, "as a mapping"),
+        (({"2": [0]}, "map"), {}, TypeError, "positional"),
+        (({"2": [0]},), {"crop": "box"}, ValueError, "Unknown crop"),
+        (({"2": [0], "5": [99]},), {}, ValueError, "out of range"),
     ],
 )
-def test_deconvolve_argument_errors(kwargs, error, message):
-    args = {"images": torch.randn(2, 3, 64, 64), "layer": "2", "channels": [0], **kwargs}
+def test_deconvolve_argument_errors(args, kwargs, error, message):
     with pytest.raises(error, match=message):
-        deconvolve(zf_shaped(), **args)
+        deconvolve(zf_shaped(), torch.randn(2, 3, 64, 64), *args, **kwargs)
 
 
 def test_plain_tails_skip_their_forward_only_where_the_model_runs_them_as_a_chain():
     """ZFNet's conv3..relu5 need no forward pass under the deconvnet rule; a model that puts an op between two
     modules of its Sequential (here a doubling) is projected through the full pass, and still exactly."""
     zfnet = _zfnet().eval()
-    plan = Projector(zfnet, {f"features.{n}": [0] for n in ("pool1", "pool2", "relu3", "relu4", "pool5")}, (3, 99, 99))
-    assert plan.tails["features.pool1"] is None  # nothing runs before its stretch: the input itself
-    assert plan.tails["features.relu4"].before == "features.norm2"
-    assert plan.tails["features.pool5"].before == "features.norm2"  # started at the switch: conv3 .. relu5
-    assert plan.tails["features.pool2"].before == "features.norm1"
+    plan = Projector(
+        zfnet, {f"features.{n}": [0] for n in ("pool1", "pool2", "relu3", "relu4", "pool5")}, input_size=(3, 99, 99)
+    )
+    tails = {name: layer.tail for name, layer in plan.layers.items()}
+    assert tails["features.pool1"] is None  # nothing runs before its stretch: the input itself
+    assert tails["features.relu4"].before == "features.norm2"
+    assert tails["features.pool5"].before == "features.norm2"  # started at the switch: conv3 .. relu5
+    assert tails["features.pool2"].before == "features.norm1"
     for rule in ("guided", "gradient"):  # their backward passes need the forward's masks
-        assert all(t is None for t in Projector(zfnet, {"features.relu4": [0]}, (3, 99, 99), rule=rule).tails.values())
+        plan = Projector(zfnet, {"features.relu4": [0]}, input_size=(3, 99, 99), rule=rule)
+        assert all(layer.tail is None for layer in plan.layers.values())
 
     class Doubling(nn.Module):
         def __init__(self) -> None:
@@ -212,8 +216,8 @@ def test_plain_tails_skip_their_forward_only_where_the_model_runs_them_as_a_chai
     torch.manual_seed(0)
     model = Doubling()
     images = torch.randn(3, 3, 45, 41, dtype=torch.float64)
-    plan = Projector(model, {"features.5": [1, 2]}, images.shape[1:])
-    assert plan.tails["features.5"] is None
+    plan = Projector(model, {"features.5": [1, 2]}, input_size=images.shape[1:])
+    assert plan.layers["features.5"].tail is None
     got = plan(images)["features.5"]
     for k, channel in enumerate([1, 2]):
         image, where = got.source[k].item(), tuple(got.position[k].tolist())

@@ -26,7 +26,7 @@ from lightning_deconv.paper.cli import main
 from lightning_deconv.paper.figure4 import figure4
 from lightning_deconv.record import RecordError, find_firings, load_record, read_firings
 from lightning_deconv.render import PAD_COLOUR, evolution_grid
-from lightning_deconv.selection import auto_layers, trace
+from lightning_deconv.stages import auto_layers, trace
 
 HERE = Path(__file__).parent
 FOUR = (1, 2, 3, 4)

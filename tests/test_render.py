@@ -34,7 +34,7 @@ def test_resnet_field_goes_through_the_residual_branch():
 @pytest.mark.parametrize("layer", ["2", "5", "9", "12"])
 def test_projection_support_lies_inside_the_receptive_field(zf_net, probe, layer):
     field = receptive_field(zf_net, layer, tuple(probe.shape[1:]))
-    got = deconvolve(zf_net, probe, layer=layer, channels=list(range(8)))
+    got = deconvolve(zf_net, probe, {layer: list(range(8))})[layer]
     boxes = field.boxes(got.position)
     for image, (top, left, bottom, right) in zip(got.images, boxes.tolist(), strict=True):
         inside = torch.zeros_like(image, dtype=torch.bool)

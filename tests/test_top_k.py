@@ -14,8 +14,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from lightning_deconv import Projector, deconvolve, find_maxima
-from lightning_deconv.analysis.top_k import TopK, load_top_k, merge_top_k, project_top_k, save_top_k, top_k
+from lightning_deconv import Projector, TopK, deconvolve, find_maxima, merge_top_k
+from lightning_deconv.analysis.top_k import project_top_k, top_k
+from lightning_deconv.analysis.top_k_files import load_top_k, save_top_k
 from lightning_deconv.paper.figure2 import figure2, find_top_k, main
 from lightning_deconv.record import RecordError
 from lightning_deconv.render import top_k_grid
@@ -76,19 +77,19 @@ def assert_brute_force(net, images, found: dict[str, TopK], k=K, features=FEATUR
         want, acts = brute_force(net, images, layer, channels, k)
         top = found[layer]
         assert top.channels.tolist() == channels and top.map_size == tuple(acts.shape[-2:])
-        assert top.value.shape == top.index.shape == (len(channels), min(k, len(images)))
+        assert top.value.shape == top.source.shape == (len(channels), min(k, len(images)))
         for row, (index, value, position) in enumerate(want):
-            assert top.index[row].tolist() == index
+            assert top.source[row].tolist() == index
             assert top.value[row].tolist() == pytest.approx(value, rel=1e-9)
             assert [tuple(p) for p in top.position[row].tolist()] == position
         # the positions really hold the reported values
         c = torch.tensor(channels).unsqueeze(1)
-        held = acts[top.index, c, top.position[..., 0], top.position[..., 1]]
+        held = acts[top.source, c, top.position[..., 0], top.position[..., 1]]
         torch.testing.assert_close(held, top.value, rtol=1e-9, atol=0)
         pool = net[int(layer)]
         if isinstance(pool, nn.MaxPool2d):  # the switch is where in the pooling's input the maximum came from
             before = outputs(net, images)[int(layer) - 1]
-            at = before[top.index, c, top.switch[..., 0], top.switch[..., 1]]
+            at = before[top.source, c, top.switch[..., 0], top.switch[..., 1]]
             torch.testing.assert_close(at, top.value, rtol=1e-9, atol=0)
         else:
             assert top.switch is None
@@ -149,7 +150,7 @@ def test_equals_brute_force(net, images, kind):
     for top in found.values():  # loaders and streams keep the chosen images; indexable data does not
         assert (top.images is not None) == kept
         if kept:
-            assert torch.equal(top.images, seen[top.index])
+            assert torch.equal(top.images, seen[top.source])
 
 
 def test_shuffled_loader_counts_in_the_order_it_yields(net, images):
@@ -160,7 +161,7 @@ def test_shuffled_loader_counts_in_the_order_it_yields(net, images):
     seen = torch.cat([batch[0] for batch in loader()])
     found = top_k(net, loader(), FEATURES, k=K)
     assert_brute_force(net, seen, found)
-    assert all(torch.equal(top.images, seen[top.index]) for top in found.values())
+    assert all(torch.equal(top.images, seen[top.source]) for top in found.values())
 
 
 def test_ties_go_to_the_earlier_image_and_position(net):
@@ -168,13 +169,13 @@ def test_ties_go_to_the_earlier_image_and_position(net):
     blank = torch.zeros(11, 3, 97, 91, dtype=torch.float64)
     found = top_k(net, blank, FEATURES, k=4, batch_size=3)
     for top in found.values():
-        assert top.index.tolist() == [[0, 1, 2, 3]] * len(top.channels)
+        assert top.source.tolist() == [[0, 1, 2, 3]] * len(top.channels)
         assert (top.position == 0).all()
     # duplicated images in different batches: the copy seen first ranks first
     images = torch.randn(6, 3, 97, 91, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     twice = torch.cat([images, images])
     found = top_k(net, twice, {"9": [0, 5]}, k=12, batch_size=1)
-    for row in found["9"].index.tolist():
+    for row in found["9"].source.tolist():
         assert all(row.index(i) < row.index(i + 6) for i in range(6))
 
 
@@ -190,17 +191,17 @@ def test_merge_of_shards_equals_the_whole(net, images):
     interleaved = merge_top_k(parts, offsets=shards)
     for layer, want in whole.items():
         for got in (merged[layer], interleaved[layer]):
-            assert torch.equal(got.index, want.index) and torch.equal(got.position, want.position)
+            assert torch.equal(got.source, want.source) and torch.equal(got.position, want.position)
             torch.testing.assert_close(got.value, want.value, rtol=1e-9, atol=0)
             assert (got.switch is None) == (want.switch is None)
             assert got.switch is None or torch.equal(got.switch, want.switch)
     # with global indices already applied, and kept images travel along
     kept = [{n: t.reindexed(shard) for n, t in p.items()} for p, shard in zip(parts, shards, strict=True)]
-    kept = [{n: TopK(**{**t.__dict__, "images": images[t.index]}) for n, t in p.items()} for p in kept]
+    kept = [{n: TopK(**{**t.__dict__, "images": images[t.source]}) for n, t in p.items()} for p in kept]
     again = merge_top_k(kept)
     for layer, want in whole.items():
-        assert torch.equal(again[layer].index, want.index)
-        assert torch.equal(again[layer].images, images[want.index])
+        assert torch.equal(again[layer].source, want.source)
+        assert torch.equal(again[layer].images, images[want.source])
 
 
 def test_fewer_images_than_k_gives_all_of_them(net, images):
@@ -225,7 +226,7 @@ def test_memory_does_not_grow_with_the_data(net, images):
     gc.collect()
     assert sum(ref() is not None for ref in stream.yielded) == 0  # kept images are copies, not the items
     for top in found.values():
-        assert top.index.shape == (len(top.channels), K) and top.images.shape[:2] == (len(top.channels), K)
+        assert top.source.shape == (len(top.channels), K) and top.images.shape[:2] == (len(top.channels), K)
 
 
 def test_no_side_effects():
@@ -286,14 +287,14 @@ def test_projections_equal_deconvolve_on_the_same_image(net, images, kept):
     order = stream_order()
     data, seen = (Stream(images, order), images[order]) if kept else (images, images)
     top = top_k(net, data, features, k=3, batch_size=4)
-    projected = project_top_k(net, top, None if kept else images)
+    projected = project_top_k(net, top, data=None if kept else images)
     for layer, t in top.items():
         p = projected[layer]
         assert p.images.shape == (len(t.channels) * t.k, *images.shape[1:])
         assert p.channels.tolist() == t.channels.repeat_interleave(t.k).tolist()
         for row, (f, j) in enumerate((f, j) for f in range(len(t.channels)) for j in range(t.k)):
-            i = int(t.index[f, j])
-            want = deconvolve(net, seen[i : i + 1], layer, [int(t.channels[f])])
+            i = int(t.source[f, j])
+            want = deconvolve(net, seen[i : i + 1], {layer: [int(t.channels[f])]})[layer]
             assert want.position[0].tolist() == t.position[f, j].tolist()
             assert want.value[0].item() == pytest.approx(t.value[f, j].item(), rel=1e-6)
             assert want.images.abs().max() > 0
@@ -305,13 +306,15 @@ def test_a_plan_can_be_reused_and_k_1_is_find_maxima(net, images):
     top = top_k(net, images, features, k=1, batch_size=7)
     found = find_maxima(net, images, features)
     for layer, t in top.items():
-        assert torch.equal(t.index[:, 0], found[layer].source) and torch.equal(t.position[:, 0], found[layer].position)
-        assert torch.equal(t.switch[:, 0], found[layer].switch)
-    plan = Projector(net, features, tuple(images.shape[1:]))
-    again = project_top_k(plan, top, images)
-    assert all(torch.equal(again[n].images, p.images) for n, p in project_top_k(net, top, images).items())
+        assert torch.equal(t.source, found[layer].source) and torch.equal(t.position, found[layer].position)
+        assert torch.equal(t.switch, found[layer].switch) and torch.equal(t.value, found[layer].value)
+    plan = Projector(net, features, input_size=images.shape[1:])
+    again = project_top_k(plan, top, data=images)
+    assert all(torch.equal(again[n].images, p.images) for n, p in project_top_k(net, top, data=images).items())
     with pytest.raises(ValueError, match="mode='max'"):
-        project_top_k(Projector(net, features, tuple(images.shape[1:]), mode="map"), top, images)
+        project_top_k(Projector(net, features, input_size=images.shape[1:], mode="map"), top, data=images)
+    with pytest.raises(TypeError, match="positional"):  # every option is keyword-only
+        top_k(net, images, features, 1)
 
 
 def test_projection_needs_the_images(net, images):
@@ -337,7 +340,7 @@ def test_top_k_grid_puts_each_feature_beside_its_patches():
 def test_saved_results_draw_figure2(tmp_path, net, images):
     features = {"2": [0, 3, 7], "9": [0, 5], "12": [4]}
     top = top_k(net, images, features, k=9, batch_size=8)
-    projected = project_top_k(net, top, images)
+    projected = project_top_k(net, top, data=images)
     run = tmp_path / "run" / "version_0"
     folder = run / "deconv" / "evolution"
     path = save_top_k(folder, 3, top, projected)
@@ -346,13 +349,21 @@ def test_saved_results_draw_figure2(tmp_path, net, images):
     assert saved.epoch == 3 and list(saved.top) == list(features)
     for layer, t in top.items():
         got, p = saved.top[layer], projected[layer]
-        for field in ("channels", "value", "index", "position", "switch"):
+        for field in ("channels", "value", "source", "position", "switch"):
             want = getattr(t, field)
             assert want is None if getattr(got, field) is None else torch.equal(getattr(got, field), want)
         assert got.map_size == t.map_size and got.images is None
         assert torch.equal(saved.crops[layer].flatten(0, 1), p.crops)
         assert torch.equal(saved.patches[layer].flatten(0, 1), p.patches)
         assert saved.boxes[layer].shape == (len(t.channels), 9, 4)
+    # a file of version 1 (the image's index saved as "index") reads the same
+    raw = torch.load(path, weights_only=True)
+    old = {**raw, "version": 1, "layers": {}}
+    for layer, fields in raw["layers"].items():
+        old["layers"][layer] = {("index" if name == "source" else name): value for name, value in fields.items()}
+    torch.save(old, tmp_path / "old.pt")
+    for layer, t in load_top_k(tmp_path / "old.pt").top.items():
+        assert torch.equal(t.source, top[layer].source) and torch.equal(t.value, top[layer].value)
     save_top_k(folder, 12, top, projected)
     assert list(find_top_k(tmp_path)) == [3, 12]
     out = figure2(tmp_path, tmp_path / "figure2.png")

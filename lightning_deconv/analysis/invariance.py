@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from lightning_deconv.analysis.occlusion import check_targets, default_batch_size, probabilities, run_layers
+from lightning_deconv.analysis.passes import check_targets, default_batch_size, probabilities, run_layers
 from lightning_deconv.checks import check_int
 from lightning_deconv.kernels import FastCPUOps
 from lightning_deconv.layers import check_images, eval_mode, resolve_layers
@@ -98,6 +98,7 @@ def invariance(
     model: nn.Module,
     images: Tensor,
     layers: Sequence[str | nn.Module],
+    *,
     transform: Transform,
     amounts: Sequence[float] | Tensor,
     targets: Sequence[int] | Tensor | None = None,
@@ -119,7 +120,8 @@ def invariance(
         targets: ``[N]`` classes whose probability to track (default: each original image's top class).
         fill: the pixel value of uncovered areas in the model's input space (0 is the mean grey of normalised
             inputs).
-        batch_size: transformed images per forward pass (default: as :func:`occlusion`).
+        batch_size: transformed images per forward pass (default: as
+            :func:`~lightning_deconv.analysis.occlusion.occlusion`).
 
     Returns:
         An :class:`Invariance`; its tensors are on the model's device.
@@ -132,7 +134,7 @@ def invariance(
     Example::
 
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
-        >>> found = invariance(net, torch.rand(2, 3, 16, 16), ["1", "4"], "rotate", [0, 10, 20])
+        >>> found = invariance(net, torch.rand(2, 3, 16, 16), ["1", "4"], transform="rotate", amounts=[0, 10, 20])
         >>> found.distance["4"].shape, found.probability.shape, found.distance["1"][:, 0].tolist()
         (torch.Size([2, 3]), torch.Size([2, 3]), [0.0, 0.0])
     """

@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_deconv.analysis.cones import Cones
+from lightning_deconv.analysis.passes import check_targets, default_batch_size, probabilities, run_layers
 from lightning_deconv.checks import check_int
 from lightning_deconv.kernels import FastCPUOps
-from lightning_deconv.layers import check_images, eval_mode, resolve_layers, run_until
+from lightning_deconv.layers import check_images, eval_mode, resolve_layers
 
 __all__ = ["Occlusion", "occlusion"]
-
-_OUTPUT = "<output>"  # the model's output, recorded as one more "layer" (no module can have this name)
 
 
 @dataclass(frozen=True)
@@ -71,10 +69,11 @@ class Occlusion:
 def occlusion(
     model: nn.Module,
     images: Tensor,
+    layer: str | nn.Module | None = None,
+    *,
     patch: int,
     stride: int,
     fill: float = 0.0,
-    layer: str | nn.Module | None = None,
     targets: Sequence[int] | Tensor | None = None,
     batch_size: int | None = None,
     classify: bool = True,
@@ -89,13 +88,14 @@ def occlusion(
     Args:
         model: a classifier: ``model(images)`` gives logits ``[N, classes]``.
         images: ``[N, C, H, W]`` images as the model expects them (normalised).
+        layer: with a layer (name in ``model.named_modules()`` or module, 4-D output), also map the summed
+            activation of its channel holding the largest single activation on the unoccluded image.
         patch: side of the square in pixels.
         stride: step between the square's positions in pixels.
         fill: the square's pixel value in the model's input space (0 is the mean grey of normalised inputs).
-        layer: with a layer (name in ``model.named_modules()`` or module, 4-D output), also map the summed
-            activation of its channel holding the largest single activation on the unoccluded image.
         targets: ``[N]`` classes whose probability to map (default: each unoccluded image's top class).
-        batch_size: occluded images per forward pass (default: :func:`default_batch_size`).
+        batch_size: occluded images per forward pass (default:
+            :func:`~lightning_deconv.analysis.passes.default_batch_size`).
         classify: map ``probability`` and ``label``; with ``classify=False`` (and a ``layer``) each forward
             stops at ``layer``.
         incremental: compute each occluded pass only inside the square's cone, from the unoccluded pass's
@@ -113,7 +113,7 @@ def occlusion(
     Example::
 
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
-        >>> maps = occlusion(net, torch.rand(2, 3, 20, 24), patch=8, stride=4, layer="1")
+        >>> maps = occlusion(net, torch.rand(2, 3, 20, 24), "1", patch=8, stride=4)
         >>> maps.probability.shape, maps.label.shape, maps.feature.shape
         (torch.Size([2, 4, 5]), torch.Size([2, 4, 5]), torch.Size([2, 4, 5]))
     """
@@ -305,50 +305,6 @@ def _close(got: Tensor, want: Tensor) -> bool:
     return bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max())))
 
 
-def default_batch_size(images: Tensor) -> int:
-    """Images per forward pass by default: about 4M input values (256 images of 3x64x64, 27 of 3x224x224),
-    which bounds the activations' memory and is past the size where CPU throughput stops growing."""
-    return max(1, min(256, 2**22 // images[0].numel()))
-
-
-def run_layers(
-    model: nn.Module | Callable[[Tensor], Any],
-    images: Tensor,
-    layers: Mapping[str, nn.Module],
-    reduce: Callable[[str, Tensor], Tensor],
-    classify: bool,
-) -> tuple[dict[str, Tensor], Tensor | None]:
-    """One forward pass: ``reduce(name, output)`` of each layer as it runs, and the logits if ``classify``.
-
-    Without ``classify`` the pass stops at the deepest layer (:func:`~lightning_deconv.layers.run_until`).
-    With it, the model's output is recorded as one more layer, so the same hook runner sees the whole
-    forward. Layers may have outputs of any shape; ``reduce`` checks what it needs.
-
-    Returns:
-        ``({name: reduced}, logits [N, classes] or None)``.
-
-    Raises:
-        ValueError: the model fails on ``images`` or does not give ``[N, classes]`` logits.
-    """
-    if not classify:
-        return run_until(model, images, layers, lambda name, out, _: reduce(name, out), spatial=False), None
-    output = nn.Identity()
-    results = run_until(
-        lambda x: output(model(x)),
-        images,
-        {**layers, _OUTPUT: output},
-        lambda name, out, _: out if name == _OUTPUT else reduce(name, out),
-        spatial=False,
-    )
-    logits = results.pop(_OUTPUT)
-    if logits.dim() != 2 or logits.shape[0] != len(images):
-        raise ValueError(
-            f"The model gives output of shape {tuple(logits.shape)} for {len(images)} images; class "
-            "probabilities need logits [N, classes]. Pass a classifier (or `classify=False` for feature maps only)."
-        )
-    return results, logits
-
-
 def _check_square(patch: int, stride: int, height: int, width: int) -> None:
     for value, label in ((patch, "patch"), (stride, "stride")):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -378,23 +334,3 @@ def _channel_total(channels: Tensor, name: str, activation: Tensor) -> Tensor:
     """``[N]`` the summed map of ``channels[k]`` in row ``k``."""
     rows = torch.arange(len(channels), device=activation.device)
     return _feature_map(name, activation)[rows, channels].sum(dim=(1, 2))
-
-
-def probabilities(logits: Tensor) -> Tensor:
-    """Softmax over classes, in at least float32 (half-precision logits would round it)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=1)
-
-
-def check_targets(targets: Sequence[int] | Tensor | None, logits: Tensor, n: int) -> Tensor:
-    """``[n]`` int64 classes on the logits' device: ``targets`` checked, or the top class of each image."""
-    if targets is None:
-        return logits.argmax(dim=1)
-    wanted = torch.as_tensor(targets).flatten()
-    classes = logits.shape[1]
-    if wanted.numel() != n or (torch.is_floating_point(wanted) and not (wanted == wanted.round()).all()):
-        raise ValueError(f"Give one whole-number target class per image: {n} of them, got {wanted.tolist()}.")
-    wanted = wanted.long()
-    bad = wanted[(wanted < 0) | (wanted >= classes)]
-    if bad.numel():
-        raise ValueError(f"Targets {bad.tolist()} are out of range: the model has {classes} classes, 0..{classes - 1}.")
-    return wanted.to(logits.device)

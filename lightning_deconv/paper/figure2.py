@@ -1,7 +1,7 @@
 """Figure 2 of Zeiler & Fergus (2014): the top 9 activations of a random subset of features in each layer.
 
 Rebuilt from the files a run saved (``<run>/deconv/<name>/top9_epoch_XXX.pt``, see
-:func:`~lightning_deconv.analysis.top_k.save_top_k`), so no model is needed: one block per layer; per
+:func:`~lightning_deconv.analysis.top_k_files.save_top_k`), so no model is needed: one block per layer; per
 feature, the projections of its 9 strongest activations over the validation set (one per image, strongest
 first, row by row) beside the image patches they came from.
 """
@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_deconv.analysis.top_k import SavedTopK, load_top_k
+from lightning_deconv.analysis.top_k_files import SavedTopK, load_top_k
 from lightning_deconv.paper.plotting import figure_parser, pyplot, save
 from lightning_deconv.record import RecordError, check_layers, find_firings
 from lightning_deconv.render import top_k_grid

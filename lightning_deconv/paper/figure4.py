@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lightning_deconv.analysis.settling import feature_marks
 from lightning_deconv.paper.plotting import figure_parser, pyplot, save
-from lightning_deconv.record import check_layers, find_firings, read_firings
+from lightning_deconv.record import check_layers, find_firings, read_firings, saved_field
 from lightning_deconv.render import evolution_grid
 
 __all__ = ["figure4", "main"]
@@ -56,7 +56,7 @@ def figure4(
         saved = [f["layers"][name] for f in firings if name in f["layers"]]
         channels = saved[-1]["channels"].tolist()
         labels = [str(f["epoch"]) for f in firings if name in f["layers"]]
-        marks = [feature_marks(s["value"], s["projections"]) for s in saved]
+        marks = [feature_marks(s["value"], saved_field(s, "images")) for s in saved]
         rows = [f"#{c}" for c in channels]
         grid = evolution_grid([s["crops"] for s in saved], labels, rows, cell_size=cell, marks=marks)
         blocks.append(grid)

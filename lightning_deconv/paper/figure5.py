@@ -5,7 +5,7 @@ distance between the feature vectors of the original and the transformed images 
 (the paper's second and third columns); the probability of the class (here the top class of the
 untransformed image: the probe stores no labels). One line per image.
 
-Model and probe images come from the run's checkpoint (see :func:`~lightning_deconv.paper.figure7.load_run`).
+Model and probe images come from the run's checkpoint (see :func:`~lightning_deconv.paper.runs.load_run`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from lightning_deconv.analysis.invariance import TRANSFORMS, invariance, transform_images
-from lightning_deconv.paper.figure7 import check_indices, class_name, load_run, pick_images
 from lightning_deconv.paper.plotting import figure_parser, pyplot, save
+from lightning_deconv.paper.runs import check_indices, class_name, load_run, pick_images
 from lightning_deconv.render import normalize
 
 __all__ = ["default_amounts", "figure5", "main"]
@@ -50,7 +50,7 @@ def figure5(
     """Draw the paper's Figure 5 for some probe images of a run and save it to ``output``.
 
     Args:
-        run_dir: the run (see :func:`~lightning_deconv.paper.figure7.load_run`).
+        run_dir: the run (see :func:`~lightning_deconv.paper.runs.load_run`).
         output: the figure's path (PNG, PDF, ... by extension).
         images: probe indices (default: ``count`` images of different predicted classes).
         count: how many images when ``images`` is not given (the paper: 5).
@@ -75,7 +75,7 @@ def figure5(
     )
     for ax, transform in zip(axes, TRANSFORMS, strict=True):
         steps = list(ranges[transform])
-        found = invariance(run.model, probe, list(layers), transform, steps, fill=fill)
+        found = invariance(run.model, probe, list(layers), transform=transform, amounts=steps, fill=fill)
         # Example strip: the first image at five of the amounts, evenly spread.
         shown = [steps[round(k * (len(steps) - 1) / 4)] for k in range(5)] if len(steps) >= 5 else steps
         strip = torch.cat([transform_images(probe[:1], transform, a, fill) for a in shown])

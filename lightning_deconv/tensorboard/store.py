@@ -29,14 +29,16 @@ import torch
 from torch import Tensor
 
 from lightning_deconv.analysis.settling import feature_marks
-from lightning_deconv.record import FIRING_FORMAT, RecordError, load_record, monitor_folders
+from lightning_deconv.record import FIRING_FORMAT, RecordError, load_record, monitor_folders, saved_field
 from lightning_deconv.render import normalize
 
 __all__ = ["Firing", "LayerCells", "Monitor", "RunStore", "TopKCells"]
 
 logger = logging.getLogger(__name__)
 
-TOP_K_FORMAT = "lightning-deconv top-k"  # as lightning_deconv.analysis.top_k writes (not imported: it pulls in models)
+TOP_K_FORMAT = (
+    "lightning-deconv top-k"  # as lightning_deconv.analysis.top_k_files writes (not imported: it pulls in the engine)
+)
 _FIRING = re.compile(r"epoch_(\d{1,9})\.pt")
 _TOP_K = re.compile(r"top(\d{1,6})_epoch_(\d{1,9})\.pt")
 T = TypeVar("T")
@@ -86,11 +88,12 @@ class Firing:
 class TopKCells:
     """One layer of a top-k file: per feature its ``k`` strongest images over the validation set.
 
-    ``value``/``index`` are ``[F][k]`` lists; ``crops``/``patches`` are ``[F, k, h, w, 3]`` uint8."""
+    ``value``/``source`` (the image's index in the validation set) are ``[F][k]`` lists; ``crops``/``patches``
+    are ``[F, k, h, w, 3]`` uint8."""
 
     channels: list[int]
     value: list[list[float | None]]
-    index: list[list[int]]
+    source: list[list[int]]
     crops: np.ndarray
     patches: np.ndarray
 
@@ -137,7 +140,7 @@ def _longs(tensor: Tensor) -> list:
 
 def _layer_cells(saved: Mapping[str, Any]) -> LayerCells:
     value = torch.as_tensor(saved["value"]).double()
-    projections = torch.as_tensor(saved["projections"])
+    projections = torch.as_tensor(saved_field(saved, "images"))
     crops, patches = torch.as_tensor(saved["crops"]), torch.as_tensor(saved["patches"])
     channels = _longs(saved["channels"])
     if not (len(channels) == len(value) == len(projections) == len(crops) == len(patches)):
@@ -179,7 +182,7 @@ def read_firing(path: Path) -> Firing:
 
 
 def read_top_k(path: Path) -> dict[str, TopKCells]:
-    """Read a top-k file (:func:`lightning_deconv.analysis.top_k.save_top_k`) into what the dashboard shows."""
+    """Read a top-k file (:func:`lightning_deconv.analysis.top_k_files.save_top_k`) into what the dashboard shows."""
     raw = load_record(path, TOP_K_FORMAT)
     if raw.get("format") != TOP_K_FORMAT:
         raise RecordError(path, "is not a top-k file", "Delete or move it")
@@ -190,7 +193,7 @@ def read_top_k(path: Path) -> dict[str, TopKCells]:
         layers[str(name)] = TopKCells(
             channels=_longs(saved["channels"]),
             value=[[_finite(v) for v in row] for row in torch.as_tensor(saved["value"]).double().tolist()],
-            index=_longs(saved["index"]),
+            source=_longs(saved_field(saved, "source")),
             crops=_pictures(crops.flatten(0, 1), "symmetric").reshape(f, k, *crops.shape[-2:], 3),
             patches=_pictures(patches.flatten(0, 1), "minmax").reshape(f, k, *patches.shape[-2:], 3),
         )

@@ -213,7 +213,7 @@ class Views:
                     "version": self._version(path),
                     "k": len(cells.value[row]),
                     "value": cells.value[row],
-                    "index": cells.index[row],
+                    "source": cells.source[row],
                 }
                 break
         return {"run": monitor.run, "layer": layer, "feature": number, "history": history, "top_k": top}

@@ -352,7 +352,7 @@ class Dashboard {
       const block = (kind) =>
         el("div", { class: "topk" },
           ...Array.from({ length: t.k }, (_, rank) =>
-            el("img", { src: this.image({ epoch: t.epoch, kind, rank, v: t.version }), width: 48, height: 48, title: `#${rank + 1}: value ${format(t.value[rank])}, image ${t.index[rank]}`, alt: `top ${rank + 1}`, style: { imageRendering: "pixelated" } })));
+            el("img", { src: this.image({ epoch: t.epoch, kind, rank, v: t.version }), width: 48, height: 48, title: `#${rank + 1}: value ${format(t.value[rank])}, image ${t.source[rank]}`, alt: `top ${rank + 1}`, style: { imageRendering: "pixelated" } })));
       top = el("figure", { class: "topk-figure" },
         el("div", { style: { display: "flex", gap: "8px" } }, block("top_crop"), block("top_patch")),
         el("figcaption", {}, `top ${t.k} over the validation set after epoch ${t.epoch}`));

@@ -1,0 +1,365 @@
+"""The strongest activations: for some features of some layers, the ``k`` images where each fires most.
+
+Zeiler & Fergus (2014) project, per feature, its strongest activation over a probe set (Sec. 4, Fig. 4) or
+its 9 strongest over the validation data, each in a different image (Fig. 2). Both are one search: each
+image counts once per feature, at its largest activation of it (the first position in row-major order among
+equal values), and images are ranked by that value, the earlier image first among equal values. With
+``k = 1`` it is the paper's single maximum (:func:`find_maxima`); :func:`~lightning_deconv.analysis.top_k.top_k`
+runs it over a whole dataset. Both give a :class:`TopK` per layer, which the engine
+(:class:`~lightning_deconv.engine.Projector`) projects row by row.
+
+The search runs one forward pass per batch, stopped at the deepest layer, for all layers at once, and keeps
+per feature only a running top ``k``: the running ``[F, k]`` and the batch's ``[F, B]`` per-image maxima are
+merged and cut back to ``k`` inside the layer's forward hook, so memory is ``O(F * k)`` plus one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_deconv.kernels import FastCPUOps
+from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
+from lightning_deconv.probe import untouched_rng
+from lightning_deconv.selection import check_channels, resolve_features
+
+__all__ = ["TopK", "find_maxima", "image_maxima", "merge_top_k", "pooling_switches", "scan"]
+
+LayerChannels = Mapping[str | nn.Module, Sequence[int] | Tensor]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The ``k`` strongest activations of each of ``F`` tracked channels of one layer, each in a different image.
+
+    Row ``f`` is channel ``channels[f]``; its columns are the images with the largest activation of that
+    channel, strongest first, the earlier image first among equal values. :func:`find_maxima` gives ``k = 1``
+    (the paper's single maximum per feature), :func:`~lightning_deconv.analysis.top_k.top_k` any ``k``.
+
+    Attributes:
+        channels: ``[F]`` the tracked channels.
+        value: ``[F, k]`` descending: each image's largest activation of the channel (half precision lifted to
+            float32; float64 for float64 models).
+        source: ``[F, k]`` the image's index in the images or data searched (counted over every image scanned).
+        position: ``[F, k, 2]`` (row, col) of that activation in the layer's output map (its first position
+            in row-major order if the image reaches the value at several).
+        map_size: ``(H, W)`` of the layer's output map.
+        switch: for a max-pooling layer, ``[F, k, 2]`` the (row, col) in the pooling's input that each
+            maximum was taken from (the paper's switch, as the pooling picked it); ``None`` otherwise.
+        images: ``[F, k, C, H, W]`` the images themselves, as the data gave them, when the search kept them
+            (data that cannot be indexed again: loaders and iterable datasets); ``None`` otherwise.
+        peaks: with ``summaries=True``, ``[C]`` the maximum of *every* channel of the layer over the images
+            (``<= 0``: a dead feature); ``None`` otherwise.
+        gram: with ``summaries=True``, ``[N, N]`` float64 Gram matrix of the layer's activations flattened per
+            image (what linear CKA needs; see :mod:`lightning_deconv.analysis.settling`); ``None`` otherwise.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        >>> found = find_maxima(net, torch.rand(5, 3, 16, 16), {"1": [0, 2, 7]})["1"]
+        >>> found.k, found.take([0, 2]).channels.tolist(), found.source.shape
+        (1, [0, 7], torch.Size([3, 1]))
+    """
+
+    channels: Tensor
+    value: Tensor
+    source: Tensor
+    position: Tensor
+    map_size: tuple[int, int]
+    switch: Tensor | None = None
+    images: Tensor | None = None
+    peaks: Tensor | None = None
+    gram: Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        """How many images each row holds (fewer than asked for if the data had fewer)."""
+        return self.value.shape[1]
+
+    def take(self, rows: Tensor | Sequence[int]) -> TopK:
+        """The features ``rows`` only (e.g. one process's share); the layer-wide ``peaks`` and ``gram`` stay."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return replace(
+            self,
+            channels=self.channels[rows],
+            **{name: _rows(getattr(self, name), rows) for name in _PER_IMAGE},
+        )
+
+    def columns(self, order: Tensor) -> TopK:
+        """The columns ``order [F, k']`` of every per-image field (e.g. the best ``k'`` of more candidates)."""
+
+        def pick(tensor: Tensor | None) -> Tensor | None:
+            if tensor is None:
+                return None
+            at = order.reshape(*order.shape, *[1] * (tensor.dim() - 2)).expand(*order.shape, *tensor.shape[2:])
+            return tensor.gather(1, at)
+
+        return replace(self, **{name: pick(getattr(self, name)) for name in _PER_IMAGE})
+
+    def reindexed(self, mapping: int | Tensor) -> TopK:
+        """The same, with ``source`` moved to a larger dataset: ``source + mapping`` for an offset, or
+        ``mapping[source]`` for a tensor of global indices (e.g. a ``DistributedSampler``'s indices of a rank).
+        """
+        source = self.source + mapping if isinstance(mapping, int) else torch.as_tensor(mapping)[self.source]
+        return replace(self, source=source)
+
+    @staticmethod
+    def side_by_side(parts: Sequence[TopK]) -> TopK:
+        """The parts' columns side by side (``switch`` and ``images`` only if every part has them; the
+        layer-wide ``peaks`` and ``gram`` of the parts' different images are not combined)."""
+
+        def cat(name: str) -> Tensor | None:
+            tensors = [getattr(p, name) for p in parts]
+            return None if any(t is None for t in tensors) else torch.cat(tensors, dim=1)
+
+        return TopK(parts[0].channels, map_size=parts[0].map_size, **{name: cat(name) for name in _PER_IMAGE})
+
+    def best(self, k: int) -> TopK:
+        """The best ``k`` columns of each row: the larger value first, then the smaller source; a source met
+        twice in a row counts once (its first column). Fewer than ``k`` if fewer are distinct."""
+        return self.columns(_best(self.value, self.source, k))
+
+
+_PER_IMAGE = ("value", "source", "position", "switch", "images")
+
+
+def _rows(tensor: Tensor | None, rows: Tensor) -> Tensor | None:
+    return None if tensor is None else tensor[rows]
+
+
+def _best(value: Tensor, source: Tensor, k: int) -> Tensor:
+    """Per row, the columns of the best ``k`` candidates (see :meth:`TopK.best`)."""
+    order = source.argsort(dim=1, stable=True)
+    ordered = source.gather(1, order)
+    repeat = torch.zeros_like(ordered, dtype=torch.uint8)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    # Stable sorts compose: by source, then by value descending, then repeats last.
+    by_value = value.gather(1, order).argsort(dim=1, descending=True, stable=True)
+    order, repeat = order.gather(1, by_value), repeat.gather(1, by_value)
+    order = order.gather(1, repeat.argsort(dim=1, stable=True))
+    distinct = int((1 - repeat).sum(dim=1).min()) if len(repeat) else 0
+    return order[:, : min(k, distinct)]
+
+
+def image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel and image, the largest value over positions (first one wins ties), on the CPU.
+
+    Returns:
+        ``value [K, N]`` (half precision lifted to float32) and its ``position [K, N, 2]`` (row, col).
+    """
+    n, c, h, w = activation.shape
+    check_channels(name, channels, c)
+    maps = activation.detach()[:, channels.to(activation.device)].transpose(0, 1).reshape(len(channels), n, h * w)
+    value, flat = maps.to(torch.promote_types(maps.dtype, torch.float32)).max(dim=2)
+    flat = flat.cpu()
+    return value.cpu(), torch.stack([flat // w, flat % w], dim=2)
+
+
+def pooling_switches(
+    pool: nn.MaxPool2d, pool_input: Tensor, channels: Tensor, source: Tensor, position: Tensor
+) -> Tensor:
+    """``[K, 2]`` where in ``pool``'s input the maximum of each row (channel, image ``source`` of
+    ``pool_input``, ``position`` in the output) came from, as ``pool`` itself picks it."""
+    device = pool_input.device
+    maps = pool_input.detach()[source.to(device), channels.to(device)].unsqueeze(1)
+    _, index = F.max_pool2d(
+        maps, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, return_indices=True
+    )
+    flat = index[torch.arange(len(channels)), 0, position[:, 0], position[:, 1]].cpu()
+    width = pool_input.shape[-1]
+    return torch.stack([flat // width, flat % width], dim=1)
+
+
+class _Running:
+    """The running top k of every layer, updated in the layers' forward hooks, one batch at a time."""
+
+    def __init__(
+        self, modules: dict[str, nn.Module], channels: dict[str, Tensor], k: int, keep: bool, summaries: bool
+    ) -> None:
+        self.modules, self.channels, self.k, self.keep, self.summaries = modules, channels, k, keep, summaries
+        self.best: dict[str, TopK] = {}
+        self.seen = 0
+        self.batch: Tensor | None = None  # the images of the batch being scanned, as the data gave them
+        self.peaks: dict[str, list[Tensor]] = {name: [] for name in modules}
+        self.flat: dict[str, list[Tensor]] = {name: [] for name in modules}
+
+    def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> TopK:
+        if self.summaries:  # here, before a later in-place op can change the output
+            self.peaks[name].append(activation.amax(dim=(0, 2, 3)).float().cpu())
+            self.flat[name].append(activation.flatten(1).double().cpu())
+        channels = self.channels[name]
+        value, position = image_maxima(name, activation, channels)  # [F, B], [F, B, 2]
+        f, b = value.shape
+        pooled = isinstance(self.modules[name], nn.MaxPool2d) and isinstance(layer_input, Tensor)
+        pooled = pooled and layer_input.dim() == 4
+        new = TopK(
+            channels,
+            value,
+            torch.arange(self.seen, self.seen + b).expand(f, b),
+            position,
+            tuple(activation.shape[-2:]),
+            torch.zeros(f, b, 2, dtype=torch.long) if pooled else None,
+        )
+        previous = self.best.get(name)
+        kept = 0 if previous is None else previous.k
+        candidates = new if previous is None else TopK.side_by_side([replace(previous, images=None), new])
+        order = _best(candidates.value, candidates.source, self.k)
+        best = candidates.columns(order)
+        fresh = order >= kept  # columns that come from this batch
+        rows = torch.arange(f).unsqueeze(1).expand_as(order)
+        if pooled and fresh.any():
+            # Switches of this batch's winners only, while the pooling's input is still alive.
+            best.switch[fresh] = pooling_switches(
+                self.modules[name], layer_input, channels[rows[fresh]], order[fresh] - kept, best.position[fresh]
+            )
+        if self.keep:  # copies of the chosen images, so that the batch itself is not held
+            images = self.batch.new_empty((*order.shape, *self.batch.shape[1:]))
+            images[fresh] = self.batch[order[fresh] - kept]
+            if previous is not None:
+                images[~fresh] = previous.images[rows[~fresh], order[~fresh]]
+            best = replace(best, images=images)
+        return best
+
+    def result(self) -> dict[str, TopK]:
+        if not self.summaries:
+            return self.best
+        found = {}
+        for name, top in self.best.items():
+            x = torch.cat(self.flat[name])
+            found[name] = replace(top, peaks=torch.stack(self.peaks[name]).amax(dim=0), gram=x @ x.T)
+        return found
+
+
+@torch.no_grad()
+def scan(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    layers: LayerChannels,
+    k: int,
+    *,
+    keep_images: bool = False,
+    state: Mapping[str, Tensor] | None = None,
+    summaries: bool = False,
+) -> dict[str, TopK]:
+    """The top ``k`` of every layer's listed channels over ``batches`` of images (the one search behind
+    :func:`find_maxima` and :func:`~lightning_deconv.analysis.top_k.top_k`).
+
+    The model runs in eval mode, compiled code eagerly, without consuming random numbers, with ``state``
+    replacing some of its tensors by name; on CPU channels-last (:class:`~lightning_deconv.kernels.FastCPUOps`).
+
+    Raises:
+        ValueError: unknown layers, empty or out-of-range channels, no images, images that do not fit the model.
+    """
+    model = uncompiled(model)  # hooks must see every op: compiled code runs eagerly here
+    modules, channels = resolve_features(model, layers)
+    running = _Running(modules, channels, k, keep_images, summaries)
+    reference = next(model.parameters(), None)
+    forward = bound_forward(model, state)
+    fast = FastCPUOps(reference.device if reference is not None else "cpu")
+    with eval_mode(model), untouched_rng(), torch.compiler.set_stance("force_eager"):
+        for batch in batches:
+            if not len(batch):  # an empty tensor still splits into one empty batch
+                continue
+            check_images(model, batch)
+            x = batch if reference is None else batch.to(reference.device, reference.dtype)
+            running.batch = batch
+            with fast:
+                running.best = run_until(forward, fast.prepare(x), modules, running)
+            running.seen += len(batch)
+    if not running.seen:
+        raise ValueError("The data holds no images: give at least one.")
+    return running.result()
+
+
+def find_maxima(
+    model: nn.Module,
+    images: Tensor,
+    layers: LayerChannels,
+    *,
+    batch_size: int | None = None,
+    state: Mapping[str, Tensor] | None = None,
+    summaries: bool = False,
+) -> dict[str, TopK]:
+    """For each layer and each of its listed channels, the strongest activation over ``images`` (``k = 1``).
+
+    One forward pass per batch of ``batch_size`` images (default: all at once) serves every layer, and it
+    stops at the deepest one; it runs as :func:`scan` does (eval mode, no side effects). For max-pooling
+    layers it also records each maximum's switch. With ``summaries``, the same pass also gives each layer's
+    ``peaks`` and ``gram`` (see :class:`TopK`).
+
+    Args:
+        model: any ``nn.Module`` taking ``images``.
+        images: ``[N, C, H, W]`` images as the model expects them.
+        layers: ``{layer: channels}``, layers by name (as in ``model.named_modules()``) or module.
+        batch_size: images per forward pass (default: all at once).
+        state: tensors used instead of the model's own, by name (e.g. rank 0's BatchNorm statistics).
+        summaries: also compute each layer's ``peaks`` and ``gram``.
+
+    Returns:
+        ``{layer name: TopK}`` with ``k = 1``.
+
+    Raises:
+        ValueError: unknown layer, empty or out-of-range channels, images that do not fit the model.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> found = find_maxima(net, torch.rand(5, 3, 16, 16), {"1": [0, 7], "2": [3]})
+        >>> found["1"].source.shape, found["2"].position.shape
+        (torch.Size([2, 1]), torch.Size([1, 1, 2]))
+    """
+    check_images(model, images)
+    batches = images.split(batch_size or max(1, len(images)))
+    return scan(model, batches, layers, 1, state=state, summaries=summaries)
+
+
+def merge_top_k(
+    parts: Sequence[Mapping[str, TopK]], *, offsets: Sequence[int | Tensor] | None = None, k: int | None = None
+) -> dict[str, TopK]:
+    """The top ``k`` of the whole from the top ``k`` of its shards (e.g. every DDP rank's own).
+
+    Equal to :func:`~lightning_deconv.analysis.top_k.top_k` over all shards' images at once, when every
+    part's sources are global: give ``offsets``, per part an int added to its sources (a contiguous shard
+    starting there) or a tensor of global indices (``mapping[local index]``, e.g.
+    ``torch.tensor(list(distributed_sampler))``). An image held by several parts (a ``DistributedSampler``
+    pads its shards with repeats) counts once.
+
+    Args:
+        parts: per shard, ``{layer: TopK}`` with the same layers and channels.
+        offsets: per shard, how its sources map to global ones (default: they already are global).
+        k: images per channel (default: the largest ``k`` of the parts).
+
+    Returns:
+        ``{layer: TopK}`` without ``peaks`` and ``gram`` (the shards' images differ).
+
+    Raises:
+        ValueError: no parts, parts with other layers or channels, or not as many offsets as parts.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        >>> images = torch.rand(10, 3, 8, 8)
+        >>> halves = [find_maxima(net, images[:6], {"1": [0, 2]}), find_maxima(net, images[6:], {"1": [0, 2]})]
+        >>> merged = merge_top_k(halves, offsets=[0, 6])
+        >>> torch.equal(merged["1"].source, find_maxima(net, images, {"1": [0, 2]})["1"].source)
+        True
+    """
+    if not parts:
+        raise ValueError("Nothing to merge: give at least one part.")
+    if offsets is not None and len(offsets) != len(parts):
+        raise ValueError(f"Give one offset per part: {len(offsets)} offsets for {len(parts)} parts.")
+    if offsets is not None:
+        parts = [{name: top.reindexed(o) for name, top in part.items()} for part, o in zip(parts, offsets, strict=True)]
+    merged = {}
+    for name, first in parts[0].items():
+        same = [part.get(name) for part in parts]
+        if any(top is None or not torch.equal(top.channels, first.channels) for top in same) or any(
+            len(part) != len(parts[0]) for part in parts
+        ):
+            raise ValueError("Every part must hold the same layers with the same channels.")
+        merged[name] = TopK.side_by_side(same).best(k or max(top.k for top in same))
+    return merged

@@ -1,0 +1,166 @@
+"""Planning a projection: what is derived once from the model, per layer, as one frozen :class:`LayerPlan`.
+
+One forward pass of a seeded random image traces every tracked layer's receptive field
+(:func:`~lightning_deconv.geometry.tracing`), keeps its map (its input, where projections start at the
+switch), records the activations the model calls (:class:`~lightning_deconv.rules.ActivationSurvey`) and who
+fed whom along plain Conv2d/ReLU stretches (:mod:`lightning_deconv.tails`). Then each field is checked on the
+model itself (:func:`~lightning_deconv.geometry.exact_on_windows`): where it is exact, projections run on
+receptive-field windows and are cropped to the field; elsewhere on whole images, cropped to their support.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_deconv import kernels
+from lightning_deconv.geometry import ReceptiveField, exact_on_windows, input_field, tracing
+from lightning_deconv.layers import bound_forward, model_device, projection_state, run_until, working_dtype
+from lightning_deconv.rules import ActivationSurvey
+from lightning_deconv.selection import check_channels
+from lightning_deconv.tails import Tail, find_tail, recording_links
+
+__all__ = ["Crop", "LayerPlan", "Mode", "Rule", "plan_layers", "structure"]
+
+Rule = Literal["deconvnet", "guided", "gradient"]
+Mode = Literal["max", "map"]
+Crop = Literal["receptive_field", "support", "none"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """How one layer's projections run, derived once from the model.
+
+    Attributes:
+        name: the layer's name in ``model.named_modules()`` (without ``torch.compile``'s ``_orig_mod.``).
+        module: the layer itself.
+        channels: ``[F]`` its tracked channels.
+        field: its receptive field where projecting on receptive-field windows is exact, else ``None``.
+        windows: the field the projections' windows are cut with (that of the pooling's input for a layer that
+            starts at the switch), or ``None``: whole images.
+        starts_at_switch: a max-pooling layer projected in ``"max"`` mode: unpooling sends the seed to its
+            switch and nowhere else, so the projection starts there, in the pooling's input.
+        tail: the plain Conv2d/ReLU stretch the deconvnet goes down without its forward pass, or ``None``.
+        crop: how crops are cut: to the exact ``"receptive_field"``, to the projection's ``"support"``, or
+            not at all (``"none"``).
+    """
+
+    name: str
+    module: nn.Module
+    channels: Tensor
+    field: ReceptiveField | None
+    windows: ReceptiveField | None
+    starts_at_switch: bool
+    tail: Tail | None
+    crop: Crop
+
+
+def structure(model: nn.Module) -> tuple:
+    """What a plan depends on: the modules' names and types and the parameters' shapes."""
+    return tuple((name, type(m).__name__) for name, m in model.named_modules()) + tuple(
+        (name, tuple(p.shape)) for name, p in model.named_parameters()
+    )
+
+
+def plan_layers(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    channels: dict[str, Tensor],
+    input_size: tuple[int, ...],
+    *,
+    rule: Rule,
+    mode: Mode,
+    crop: Crop,
+    windows: bool,
+) -> tuple[dict[str, LayerPlan], list[str]]:
+    """The plan of every layer, and the activations the model calls on the way to them.
+
+    Warns once for the layers projected on whole images (their traced field is not exact) and once for smooth
+    activations the rule does not cover.
+
+    Raises:
+        ValueError: a layer whose map is not 4-D, out-of-range channels, an input size the model does not accept.
+    """
+    starts = {name: mode == "max" and isinstance(module, nn.MaxPool2d) for name, module in modules.items()}
+    tails = {
+        name: find_tail(model, name, starts[name]) if rule == "deconvnet" and mode == "max" else None
+        for name in modules
+    }
+    consumers = {name: modules[name] if starts[name] else None for name in modules}
+    linked = [m for name, t in tails.items() if t for m in (t.entry, *t.modules, consumers[name]) if m is not None]
+    image = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+    image = image.to(model_device(model), working_dtype(model))
+    forward = bound_forward(model, float32=True)
+    fast = kernels.FastCPUOps(image.device)
+    image = fast.prepare(image)
+    activations = ActivationSurvey()
+    try:
+        with projection_state(model), torch.no_grad(), fast, activations:
+            with tracing(model, image) as tracer, recording_links(linked) as links:
+
+                def capture(name: str, output: Tensor, layer_input: Tensor) -> tuple:
+                    map_ = layer_input if starts[name] else output
+                    if not isinstance(map_, Tensor) or map_.dim() != 4:
+                        raise ValueError(f"Layer {name!r} takes {type(map_).__name__}, not a 4-D feature map.")
+                    check_channels(name, channels[name], map_.shape[1])
+                    return tracer.field_of(output), map_.detach().clone()  # later in-place ops must not reach it
+
+                whole = run_until(forward, image, modules, capture)
+            traced = {name: field for name, (field, _) in whole.items()}
+            used = {
+                name: input_field(field, modules[name]) if field is not None and starts[name] else field
+                for name, field in traced.items()
+            }
+            exact = {
+                name: field is not None
+                and exact_on_windows(
+                    forward, image, (name, modules[name]), field, whole[name][1], starts[name], fast.prepare
+                )
+                for name, field in used.items()
+            }
+    except ValueError as error:
+        raise ValueError(f"{error} (input size {tuple(input_size)})") from error
+    found = _report_activations(activations.rectifiers, activations.smooth, rule)
+    inexact = [name for name in traced if not exact[name]]
+    if inexact:
+        warnings.warn(
+            f"Projecting {', '.join(map(repr, inexact))} on whole images and cropping to the projections' "
+            "support: the receptive field traced through the model's modules is not exact there (a "
+            "functional or unknown resampling on the path). Results stay exact; only slower.",
+            stacklevel=3,
+        )
+    plans = {}
+    for name in modules:
+        tail = tails[name]
+        plans[name] = LayerPlan(
+            name=name,
+            module=modules[name],
+            channels=channels[name],
+            field=traced[name] if exact[name] else None,
+            windows=used[name] if exact[name] and windows else None,
+            starts_at_switch=starts[name],
+            tail=tail if tail is not None and tail.ran_as_chain(links, consumers[name]) else None,
+            crop="support" if crop == "receptive_field" and not exact[name] else crop,
+        )
+    return plans, found
+
+
+def _report_activations(rectifiers: set[str], smooth: set[str], rule: str) -> list[str]:
+    if smooth and rule != "gradient":
+        warnings.warn(
+            f"The model calls {', '.join(sorted(smooth))} on the way to the tracked layers. The {rule} rule "
+            "is defined for ReLU-like activations (ReLU, LeakyReLU, PReLU, ReLU6); the signal passes the "
+            "others with their ordinary gradient.",
+            stacklevel=4,
+        )
+    others = sorted(rectifiers - {"ReLU"})
+    if others and rule != "gradient":
+        log.info("%s: projected with the %s rule's analogue (see lightning_deconv.rules).", others, rule)
+    return sorted(rectifiers | smooth)
