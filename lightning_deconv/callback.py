@@ -22,14 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_deconv._compat import callback_bases, rank_zero_warn
 from lightning_deconv._trainer import fire_safely, say
-from lightning_deconv.checks import check_int
 from lightning_deconv.engine import Projection
 from lightning_deconv.evolution import Evolution, firing_file, resume_warning
 from lightning_deconv.measures import Measures
 from lightning_deconv.monitoring import PAPER_EPOCHS, Schedule, Scheduled, Sink, normalise_epochs
-from lightning_deconv.monitors import OcclusionMonitor, TopKMonitor
+from lightning_deconv.monitors import TopKMonitor, figure_monitors
 from lightning_deconv.render import projection_grid
-from lightning_deconv.watch import Watch
+from lightning_deconv.watch import Watch, own_watch
 
 __all__ = ["PAPER_EPOCHS", "DeconvCallback"]
 
@@ -140,29 +139,15 @@ class DeconvCallback(Scheduled, *callback_bases()):
             "features_per_layer": features_per_layer, "features": features, "mode": mode, "rule": rule, "crop": crop,
             "seed": seed, "batch_size": batch_size, "name": name,
         }  # fmt: skip
-        if watch is None:
-            watch = Watch(**what)
-        elif not isinstance(watch, Watch):
-            raise TypeError(f"`watch` must be a lightning_deconv.Watch, got {type(watch).__name__}.")
-        elif given := [key for key, value in what.items() if value is not _WATCH_DEFAULTS[key]]:
+        if watch is not None and (given := [key for key, value in what.items() if value is not _WATCH_DEFAULTS[key]]):
             raise ValueError(f"Give either `watch` or {given}, not both: a watch carries them.")
-        check_int(occlusion, "occlusion", minimum=0)
-        check_int(top_k, "top_k", minimum=0)
-        self.watch = watch
+        self.watch = watch = own_watch(watch) if watch is not None else Watch(**what)
         self.schedule = Schedule(tuple(epochs), at_end=fire_at_end)
         self.strict = strict
         self.record = Evolution(show_patches)
         self.measures = Measures(diagnose) if measures else None
-        parts: list[OcclusionMonitor | TopKMonitor] = []
-        if occlusion:
-            at = {"epochs": self.schedule.epochs, "fire_at_end": fire_at_end}
-            if occlusion_epochs is not None:
-                at = {"epochs": normalise_epochs(occlusion_epochs, "occlusion_epochs"), "fire_at_end": False}
-            parts.append(OcclusionMonitor(watch, occlusion, **at, strict=strict))
-        if top_k:
-            epochs_k = None if top_k_epochs is None else normalise_epochs(top_k_epochs, "top_k_epochs")
-            parts.append(TopKMonitor(watch, top_k, epochs=epochs_k, batches=top_k_batches, strict=strict))
-        self.parts: tuple[OcclusionMonitor | TopKMonitor, ...] = tuple(parts)
+        self.parts = figure_monitors(watch, self.schedule, occlusion, occlusion_epochs, top_k, top_k_epochs,
+                                     top_k_batches, strict)  # fmt: skip
         self._options_given = {
             "epochs": self.schedule.epochs, "fire_at_end": fire_at_end, "show_patches": show_patches,
             "batch_size": watch.batch_size, "measures": measures, "occlusion": occlusion,

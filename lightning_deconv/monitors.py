@@ -22,12 +22,12 @@ from lightning_deconv.analysis.top_k import project_top_k, top_k
 from lightning_deconv.analysis.top_k_files import save_top_k
 from lightning_deconv.checks import check_int
 from lightning_deconv.maxima import TopK, merge_top_k
-from lightning_deconv.monitoring import PAPER_EPOCHS, Schedule, Scheduled, Sink
+from lightning_deconv.monitoring import PAPER_EPOCHS, Schedule, Scheduled, Sink, normalise_epochs
 from lightning_deconv.record import save_png
 from lightning_deconv.render import occlusion_grid, top_k_grid
 from lightning_deconv.watch import Watch, own_watch
 
-__all__ = ["OcclusionMonitor", "TopKMonitor"]
+__all__ = ["OcclusionMonitor", "TopKMonitor", "figure_monitors"]
 
 
 class TopKMonitor(Scheduled, *callback_bases()):
@@ -247,3 +247,29 @@ class OcclusionMonitor(Scheduled, *callback_bases()):
 def _nothing(rank: int, world: int, state: Any) -> None:
     """A rank's share of a firing that rank 0 computes alone."""
     return None
+
+
+def figure_monitors(
+    watch: Watch,
+    schedule: Schedule,
+    occlusion: int,
+    occlusion_epochs: Sequence[int] | None,
+    top_k: int,
+    top_k_epochs: Sequence[int] | None,
+    top_k_batches: int | None,
+    strict: bool,
+) -> tuple[OcclusionMonitor | TopKMonitor, ...]:
+    """The monitors ``DeconvCallback(occlusion=..., top_k=...)`` adds on its watch: occlusion maps at its own
+    firings (or at ``occlusion_epochs``), the top k at the end of training (or at ``top_k_epochs``)."""
+    check_int(occlusion, "occlusion", minimum=0)
+    check_int(top_k, "top_k", minimum=0)
+    parts: list[OcclusionMonitor | TopKMonitor] = []
+    if occlusion:
+        at = {"epochs": schedule.epochs, "fire_at_end": schedule.at_end}
+        if occlusion_epochs is not None:
+            at = {"epochs": normalise_epochs(occlusion_epochs, "occlusion_epochs"), "fire_at_end": False}
+        parts.append(OcclusionMonitor(watch, occlusion, **at, strict=strict))
+    if top_k:
+        epochs = None if top_k_epochs is None else normalise_epochs(top_k_epochs, "top_k_epochs")
+        parts.append(TopKMonitor(watch, top_k, epochs=epochs, batches=top_k_batches, strict=strict))
+    return tuple(parts)

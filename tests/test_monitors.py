@@ -78,7 +78,7 @@ def test_monitors_on_one_watch_record_what_the_one_line_form_records(tmp_path):
             assert torch.allclose(a[layer]["crops"], b[layer]["crops"], atol=1e-6)
     a, b = load_top_k(evolution.folder / "top3_epoch_002.pt"), load_top_k(one_line.folder / "top3_epoch_002.pt")
     for layer in LAYERS:
-        assert torch.equal(a.top[layer].index, b.top[layer].index)
+        assert torch.equal(a.top[layer].source, b.top[layer].source)
         assert torch.allclose(a.crops[layer], b.crops[layer], atol=1e-6)
 
 
