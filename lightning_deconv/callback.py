@@ -142,6 +142,7 @@ class DeconvCallback(Scheduled, *callback_bases()):
         if watch is not None and (given := [key for key, value in what.items() if value is not _WATCH_DEFAULTS[key]]):
             raise ValueError(f"Give either `watch` or {given}, not both: a watch carries them.")
         self.watch = watch = own_watch(watch) if watch is not None else Watch(**what)
+        watch.keeper = self  # its checkpoint state carries the probe and features for every monitor of the watch
         self.schedule = Schedule(tuple(epochs), at_end=fire_at_end)
         self.strict = strict
         self.record = Evolution(show_patches)

@@ -64,6 +64,7 @@ class TopKMonitor(Scheduled, *callback_bases()):
         check_int(k, "k")
         check_int(batches, "batches", optional=True)
         self.watch = own_watch(watch)
+        self.watch.keeper = self.watch.keeper or self
         self.k, self.batches, self.strict = k, batches, strict
         self.schedule = Schedule(epochs or (), at_end=epochs is None)
         self.done: list[int] = []  # epochs whose top k were saved (resumable)
@@ -138,7 +139,7 @@ class TopKMonitor(Scheduled, *callback_bases()):
         self.seconds[epoch] = time.perf_counter() - start
 
     def state_dict(self) -> dict[str, Any]:
-        return {"top_k_done": self.done, **self.watch.state_dict()}
+        return {"top_k_done": self.done, **(self.watch.state_dict() if self.watch.keeper is self else {})}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = list(state_dict.get("top_k_done", []))
@@ -182,6 +183,7 @@ class OcclusionMonitor(Scheduled, *callback_bases()):
     ) -> None:
         check_int(images, "images")
         self.watch = own_watch(watch)
+        self.watch.keeper = self.watch.keeper or self
         self.images, self.layer, self.strict = images, layer, strict
         self.schedule = Schedule(tuple(epochs), at_end=fire_at_end)
         self.seconds: dict[int, float] = {}
@@ -237,7 +239,7 @@ class OcclusionMonitor(Scheduled, *callback_bases()):
         fire_safely(trainer, self.watch.model, f"occlusion maps after epoch {epoch}", _nothing, finish, self.strict)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.watch.state_dict()
+        return self.watch.state_dict() if self.watch.keeper is self else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "probe" in state_dict:

@@ -127,6 +127,7 @@ class Watch:
         self._plan: Projector | None = None
         self._restored = False
         self._set_up_for: weakref.ref | None = None
+        self.keeper: Any = None  # the one monitor whose checkpoint state carries the probe and features
 
     def _settings(self) -> dict[str, Any]:
         """Everything that changes what a firing computes: a resume with other settings starts afresh."""

@@ -37,7 +37,7 @@ def fit(tmp_path: Path, callbacks: list, *, data: Dataset | None = None, max_epo
         logger=TensorBoardLogger(tmp_path, name="run"),
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks),
         num_sanity_val_steps=0,
     )
     trainer.fit(Classifier(resnet), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
@@ -130,3 +130,31 @@ def test_a_monitor_keeps_its_record_across_a_checkpoint():
     assert again.state_key == first.state_key
     again.load_state_dict(state)
     assert again.done == [2, 5] and again.watch.features == {"layer1": [0, 1]} and torch.equal(again.watch.probe, X[:4])
+
+
+def test_monitors_on_one_watch_keep_its_probe_once_and_resume_together(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def monitors() -> list:
+        watch = Watch(probe=X[:8], layers=LAYERS, features_per_layer=2)
+        top = TopKMonitor(watch, k=2, epochs=(1, 2))  # listed first, made first: the DeconvCallback still keeps
+        return [top, DeconvCallback(watch=watch, epochs=(1, 2)), ModelCheckpoint(dirpath=tmp_path / "ckpt")]
+
+    first = monitors()
+    fit(tmp_path / "a", first, max_epochs=1)
+    (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
+    states = torch.load(checkpoint, weights_only=False)["callbacks"]
+    holders = [key for key, state in states.items() if "probe" in state]
+    assert len(holders) == 1 and holders[0].startswith("DeconvCallback")
+
+    again = monitors()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=again, logger=TensorBoardLogger(tmp_path / "b", name="run"),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    loader = DataLoader(TensorDataset(X, Y), batch_size=8)
+    trainer.fit(Classifier(resnet), loader, loader, ckpt_path=checkpoint)
+    top, evolution = again[0], again[1]
+    assert top.watch.resumed and top.done == [1, 2] and sorted(evolution.history["net.layer1"]) == [1, 2]
+    assert torch.equal(top.watch.probe, X[:8])
