@@ -306,7 +306,7 @@ class Cones:
         multiple of a layer's); each group more is one more run of every layer, dozens of small ops. The rows
         sorted by their cones' cost are cut into at most ``most`` runs, the fewest that cost within
         ``_WASTE`` (15%) of exact cones. On ZFNet at 224 px that is 2 groups per axis for squares of 48 and 16
-        pixels; 5% gave 3 and 4, which ran 1.5 to 1.8x slower on two cores shared with other jobs (each op can
+        pixels; 5% gave 3 and 4, which ran 1.1 to 1.8x slower on two cores shared with other jobs (each op can
         wait there for a descheduled thread).
         """
         out = []
