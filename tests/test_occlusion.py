@@ -239,6 +239,25 @@ def test_incremental_alexnet_like(patch, stride, layer):
     assert rel_err(alone.feature, feature) < 1e-5
 
 
+@pytest.mark.parametrize("waste", [1.0, 1e9])
+def test_incremental_exact_for_any_grouping(waste, monkeypatch):
+    """Finest groups of positions (exact cones, up to 4 per axis) or one group for all: the same exact maps."""
+    from lightning_deconv.analysis import cones
+
+    monkeypatch.setattr(cones, "_WASTE", waste)
+    net = AlexNetLike().double().eval()
+    images = torch.randn(2, 3, 67, 71, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad(), cones.Cones.recording(net, images) as recorded:
+        net(recorded.images)
+    axes = recorded.axes(patch=9, stride=5)
+    groups = recorded.groups(axes, recorded.switch(axes))
+    assert [len(extents) for _, extents in groups] == ([4, 4] if waste == 1.0 else [1, 1])
+    got = occlusion(net, images, 9, 5, fill=0.3, layer="conv3", batch_size=13)
+    probability, label, feature = brute_force(net, images, 9, 5, 0.3, net.conv3)
+    assert rel_err(got.probability, probability) < 1e-5 and rel_err(got.feature, feature) < 1e-5
+    assert torch.equal(got.label, label)
+
+
 @pytest.mark.parametrize(("patch", "stride"), [(16, 12), (10, 6), (24, 8)])
 def test_incremental_zfnet(patch, stride):
     """ZFNet's shape in float32 (LRN, overlapping pools, stride-2 convs): the cones reach pool2's whole map."""
