@@ -19,7 +19,7 @@ probe: its own random images):
    ``scripts/benchmark.py`` (a warm-up round, then ``--repeats`` rounds; min, median, max): the plan
    (``Projector(...)``, made once at fit start by the callback), the maxima pass (``plan.maxima(probe,
    summaries=True)``: one forward of the probe with the channel peaks and Gram matrices the measures use),
-   the projections (``plan.project``), the crops and assembly alone (``plan.finish`` on projected images),
+   the projections (``plan.project``), the crops and assembly alone (``Projection.assemble`` on projected images),
    one training step, and the two halves of a top-k scan: ``top_k`` over the probe (the scan's cost per
    image) and ``project_top_k`` of its ``F x k`` activations; with ``--one-call`` also a plain forward of the
    probe and the one-call ``deconvolve(model, probe, features)``.
@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import cpu_name, peak_rss_mb, timed
 
-from lightning_deconv import DeconvCallback, Projector, deconvolve, project_top_k, top_k
+from lightning_deconv import DeconvCallback, Projection, Projector, deconvolve, project_top_k, top_k
 
 SIZE = 224
 
@@ -209,7 +209,9 @@ def breakdown(args: argparse.Namespace, probe: torch.Tensor, features: dict, dev
         "training_step": step,
         "maxima": lambda: plan.maxima(probe, summaries=True),
         "project": lambda: plan.project(probe, found),
-        "finish": lambda: [plan.finish(layer, p.images, found[layer], probe) for layer, p in projected.items()],
+        "finish": lambda: [
+            Projection.assemble(plan.layers[layer], p.images, found[layer], probe) for layer, p in projected.items()
+        ],
         "top_k_scan": lambda: top_k(model, probe, features, k=args.k, batch_size=args.batch_size),
         "project_top_k": lambda: project_top_k(plan, top, data=probe),
     }
@@ -249,7 +251,7 @@ def report(result: dict) -> str:
         ("forward", f"plain forward of the {s['probe']} probe images"),
         ("maxima", "maxima pass (`plan.maxima(probe, summaries=True)`)"),
         ("project", "projections with crops (`plan.project`)"),
-        ("finish", "crops and assembly alone (`plan.finish`)"),
+        ("finish", "crops and assembly alone (`Projection.assemble`)"),
         ("deconvolve", "one call, `deconvolve(model, probe, features)`"),
         ("top_k_scan", f"`top_k` over the {s['probe']} probe images"),
         ("project_top_k", "`project_top_k` of the F x k activations"),
