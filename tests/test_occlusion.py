@@ -242,9 +242,9 @@ def test_incremental_alexnet_like(patch, stride, layer):
 @pytest.mark.parametrize("waste", [1.0, 1e9])
 def test_incremental_exact_for_any_grouping(waste, monkeypatch):
     """Finest groups of positions (exact cones, up to 4 per axis) or one group for all: the same exact maps."""
-    from lightning_deconv.analysis import cones
+    from lightning_deconv.analysis import cone_geometry, cones
 
-    monkeypatch.setattr(cones, "_WASTE", waste)
+    monkeypatch.setattr(cone_geometry, "_WASTE", waste)
     net = AlexNetLike().double().eval()
     images = torch.randn(2, 3, 67, 71, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     with torch.no_grad(), cones.Cones.recording(net, images) as recorded:
@@ -252,7 +252,7 @@ def test_incremental_exact_for_any_grouping(waste, monkeypatch):
     axes = recorded.axes(patch=9, stride=5)
     groups = recorded.groups(axes, recorded.switch(axes))
     assert [len(extents) for _, extents in groups] == ([4, 4] if waste == 1.0 else [1, 1])
-    got = occlusion(net, images, 9, 5, fill=0.3, layer="conv3", batch_size=13)
+    got = occlusion(net, images, "conv3", patch=9, stride=5, fill=0.3, batch_size=13)
     probability, label, feature = brute_force(net, images, 9, 5, 0.3, net.conv3)
     assert rel_err(got.probability, probability) < 1e-5 and rel_err(got.feature, feature) < 1e-5
     assert torch.equal(got.label, label)

@@ -32,109 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_deconv.analysis.cone_geometry import Axis, ChainLayer, cone_rows, conv_macs, group_positions, layer_kind
 from lightning_deconv.geometry import _window
 
 __all__ = ["Cones"]
-
-_POINTWISE = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Mish,
-    nn.Dropout,
-    nn.Dropout2d,
-    nn.Identity,
-    nn.LocalResponseNorm,
-)
-
-
-_WASTE = 1.15  # groups of positions (Cones.groups) may cost this much more than exact cones
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """One module of the chain: a window (``extent, stride, padding`` per axis) or point-wise (``window=None``)."""
-
-    module: nn.Module
-    window: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None
-    in_size: tuple[int, int]
-    out_size: tuple[int, int]
-    out_channels: int
-
-    def run(self, tile: Tensor) -> Tensor:
-        """The layer on a tile of its input, already padded (a window) or as it is (point-wise)."""
-        module = self.module
-        if self.window is None:
-            return module(tile)
-        if isinstance(module, nn.Conv2d):
-            return F.conv2d(tile, module.weight, module.bias, module.stride, 0, module.dilation, module.groups)
-        if isinstance(module, nn.MaxPool2d):
-            return F.max_pool2d(tile, module.kernel_size, module.stride, 0, module.dilation)
-        return F.avg_pool2d(tile, module.kernel_size, module.stride, 0, False, True, module.divisor_override)
-
-    @property
-    def pad_value(self) -> float:
-        return float("-inf") if isinstance(self.module, nn.MaxPool2d) else 0.0
-
-
-def _unit_cost(layer: _Layer) -> int:
-    """A rough cost of one output value per channel: its multiply-accumulates (a convolution) or its window."""
-    if isinstance(layer.module, nn.Conv2d):
-        return _conv_macs(layer.module)
-    return 1 if layer.window is None else layer.window[0][0] * layer.window[0][1]
-
-
-def _conv_macs(module: nn.Conv2d) -> int:
-    """Multiply-accumulates per output value of a convolution."""
-    return module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-
-
-def _kind(module: nn.Module) -> str | None:
-    """``"window"``, ``"pointwise"`` or ``None`` (not traceable) for a leaf module in eval mode."""
-    kind = type(module)
-    if kind is nn.Conv2d:
-        plain = module.padding_mode == "zeros" and not isinstance(module.padding, str)
-        return "window" if plain else None
-    if kind in (nn.MaxPool2d, nn.AvgPool2d):
-        if module.ceil_mode or getattr(module, "return_indices", False):
-            return None
-        if kind is nn.AvgPool2d and not module.count_include_pad and module.padding != 0:
-            return None
-        return "window"
-    if kind is nn.BatchNorm2d:
-        return "pointwise" if module.running_mean is not None and not module.training else None
-    if kind in _POINTWISE or kind is nn.PReLU:
-        return "pointwise"
-    return None
-
-
-def cone_rows(first: Tensor, end: Tensor, layer: _Layer, axis: int) -> tuple[Tensor, Tensor]:
-    """The output rows ``[first, end)`` that change when input rows ``[first, end)`` change (per position)."""
-    extent, stride, padding = (value[axis] for value in layer.window)
-    low = torch.div(first + padding - extent, stride, rounding_mode="floor") + 1
-    high = -torch.div(-(end + padding), stride, rounding_mode="floor")
-    return low.clamp(min=0), high.clamp(max=layer.out_size[axis])
-
-
-@dataclass(frozen=True)
-class _Axis:
-    """Along one axis of one layer's output, the rows ``[first, end)`` each position of the square changes."""
-
-    first: Tensor
-    end: Tensor
-
-    @property
-    def size(self) -> int:
-        """The largest cone's extent."""
-        return int((self.end - self.first).max())
 
 
 @dataclass
@@ -167,7 +68,7 @@ class Cones:
     """
 
     images: Tensor
-    layers: list[_Layer] = field(default_factory=list)
+    layers: list[ChainLayer] = field(default_factory=list)
     maps: list[Tensor] = field(default_factory=list)
     macs: list[tuple[int, int | None]] = field(default_factory=list)
     stop: str = "the forward pass ended"
@@ -197,7 +98,7 @@ class Cones:
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
             per_image = output.numel() // len(self.images) if isinstance(output, Tensor) else 0
             if type(module) in (nn.Conv2d, nn.Linear):
-                unit = _conv_macs(module) if type(module) is nn.Conv2d else module.in_features
+                unit = conv_macs(module) if type(module) is nn.Conv2d else module.in_features
                 self.macs.append((per_image * unit, None))
             if self._open:
                 self._extend(name, module, inputs[0] if inputs else None, output)
@@ -208,7 +109,7 @@ class Cones:
 
     def _extend(self, name: str, module: nn.Module, source: object, output: object) -> None:
         label = f"{name!r} ({type(module).__name__})"
-        kind = _kind(module)
+        kind = layer_kind(module)
         reason = None
         if source is not self._last:
             reason = f"{label} does not take the previous layer's output (a functional op before it?)"
@@ -223,30 +124,32 @@ class Cones:
             return
         self._seen.add(id(module))
         window = _window(module) if kind == "window" else None
-        self.layers.append(_Layer(module, window, tuple(source.shape[-2:]), tuple(output.shape[-2:]), output.shape[1]))
+        self.layers.append(
+            ChainLayer(module, window, tuple(source.shape[-2:]), tuple(output.shape[-2:]), output.shape[1])
+        )
         self.maps.append(output.clone())
         self._last = output  # held, so that its id cannot be reused during the pass
         if type(module) is nn.Conv2d:
             self.macs[-1] = (self.macs[-1][0], len(self.layers) - 1)
 
-    def axes(self, patch: int, stride: int) -> list[tuple[_Axis, _Axis]]:
+    def axes(self, patch: int, stride: int) -> list[tuple[Axis, Axis]]:
         """Per chain layer, the rows and columns of its output each position of the square computes and changes."""
         current = []
         for axis in range(2):
             count = (self.images.shape[2 + axis] - patch) // stride + 1
             first = torch.arange(count, device=self.images.device) * stride
-            current.append(_Axis(first, first + patch))
+            current.append(Axis(first, first + patch))
         axes = []
         for layer in self.layers:
             if layer.window is not None:
                 moved = []
                 for axis, rows in enumerate(current):
-                    moved.append(_Axis(*cone_rows(rows.first, rows.end, layer, axis)))
+                    moved.append(Axis(*cone_rows(rows.first, rows.end, layer, axis)))
                 current = moved
             axes.append(tuple(current))
         return axes
 
-    def switch(self, axes: list[tuple[_Axis, _Axis]], last: int | None = None) -> int:
+    def switch(self, axes: list[tuple[Axis, Axis]], last: int | None = None) -> int:
         """How many chain layers run on cones: up to the first window layer whose cone covers its whole map,
         at most ``last + 1`` (when nothing past layer ``last`` is needed)."""
         end = len(self.layers) if last is None else min(len(self.layers), last + 1)
@@ -256,7 +159,7 @@ class Cones:
                 return index + 1
         return end
 
-    def batch_sizes(self, axes: list[tuple[_Axis, _Axis]], switch: int) -> tuple[int, int]:
+    def batch_sizes(self, axes: list[tuple[Axis, Axis]], switch: int) -> tuple[int, int]:
         """Occluded images per batch past the switch and per batch of cones: as many as keep each map of the batch
         within 4M and 8M values (16 and 32 MiB in float32). Cones are small, so their batches are many small ops;
         on shared cores each op can wait for a descheduled thread, and fewer, larger batches lose less."""
@@ -284,7 +187,7 @@ class Cones:
                 continue
             layer, (rows, cols) = self.layers[index], axes[index]
             area = (rows.end - rows.first).double().mean() * (cols.end - cols.first).double().mean()  # separable
-            cone += float(area) * layer.out_channels * _conv_macs(layer.module)
+            cone += float(area) * layer.out_channels * conv_macs(layer.module)
         return full, cone
 
     def prepare(self, switch: int) -> None:
@@ -297,58 +200,10 @@ class Cones:
                 padded = F.pad(source, (cols, cols, rows, rows), value=layer.pad_value)
                 self._padded[index] = padded.permute(0, 2, 3, 1).contiguous()
 
-    def groups(self, axes: list[tuple[_Axis, _Axis]], switch: int, most: int = 4) -> list[tuple[Tensor, Tensor]]:
-        """Per axis, ``(group [R], extents [G, switch])``: a group for each row (column) of square positions and
-        the tile extents its members share in each layer below ``switch``, as few groups as waste little.
-
-        A group's extent is its members' largest cone, so squares of one group run as one batch; one group
-        for all wastes work where the cones differ (at the borders, or where the square's stride is not a
-        multiple of a layer's); each group more is one more run of every layer, dozens of small ops. The rows
-        sorted by their cones' cost are cut into at most ``most`` runs, the fewest that cost within
-        ``_WASTE`` (15%) of exact cones. On ZFNet at 224 px that is 2 groups per axis for squares of 48 and 16
-        pixels; 5% gave 3 and 4, which ran 1.1 to 1.8x slower on two cores shared with other jobs (each op can
-        wait there for a descheduled thread).
-        """
-        out = []
-        for axis in range(2):
-            other = 1 - axis
-            extents = torch.stack([(a[axis].end - a[axis].first) for a in axes[:switch]], dim=1).cpu()
-            weights = torch.tensor(
-                [
-                    float((a[other].end - a[other].first).double().mean()) * layer.out_channels * _unit_cost(layer)
-                    for layer, a in zip(self.layers[:switch], axes, strict=False)
-                ],
-                dtype=torch.float64,
-            )
-            order = (extents.double() @ weights).argsort()
-            ranked = extents[order]
-
-            def cost(i: int, j: int, ranked: Tensor = ranked, weights: Tensor = weights) -> float:  # rows i..j-1
-                return (j - i) * float(ranked[i:j].amax(dim=0).double() @ weights)
-
-            rows = len(ranked)
-            exact = float((ranked.double() @ weights).sum())
-            best: dict[tuple[int, int], tuple[float, list[int]]] = {(0, 0): (0.0, [])}  # (groups, rows) -> cuts
-            choice = None
-            for groups in range(1, min(most, rows) + 1):
-                for j in range(1, rows + 1):
-                    options = [
-                        (best[groups - 1, i][0] + cost(i, j), [*best[groups - 1, i][1], j])
-                        for i in range(j)
-                        if (groups - 1, i) in best
-                    ]
-                    if options:
-                        best[groups, j] = min(options, key=lambda option: option[0])
-                choice = best[groups, rows][1]
-                if best[groups, rows][0] <= _WASTE * exact:
-                    break
-            group = torch.empty(rows, dtype=torch.long)
-            sizes = []
-            for number, (i, j) in enumerate(zip([0, *choice[:-1]], choice, strict=True)):
-                group[order[i:j]] = number
-                sizes.append(ranked[i:j].amax(dim=0))
-            out.append((group.to(self.images.device), torch.stack(sizes).tolist()))
-        return out
+    def groups(self, axes: list[tuple[Axis, Axis]], switch: int, most: int = 4) -> list[tuple[Tensor, Tensor]]:
+        """Per axis, ``(group [R], extents [G, switch])``: the rows (columns) of square positions grouped so that
+        each group runs as one batch (:func:`~lightning_deconv.analysis.cone_geometry.group_positions`)."""
+        return [group_positions(self.layers, axes, switch, axis, most, self.images.device) for axis in range(2)]
 
     def occluded(
         self,
@@ -359,7 +214,7 @@ class Cones:
         patch: int,
         stride: int,
         fill: float,
-        axes: list[tuple[_Axis, _Axis]],
+        axes: list[tuple[Axis, Axis]],
         switch: int,
         tracked: tuple[int, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
