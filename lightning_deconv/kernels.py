@@ -10,6 +10,8 @@ pass channels-last and swaps in the two forms below; the tests hold each to the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, autograd
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FastCPUOps", "FewChannelConv2d", "LocalResponseNorm", "local_response_norm"]
+__all__ = ["FastCPUOps", "FewChannelConv2d", "LocalResponseNorm", "local_response_norm", "one_thread"]
 
 
 def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
@@ -123,3 +125,23 @@ class FastCPUOps(TorchFunctionMode):
         if groups == 1 and weight.shape[1] <= 4 and not isinstance(padding, str):
             return FewChannelConv2d.apply(input, filters, bias, stride, padding, dilation)
         return F.conv2d(input, filters, bias, stride, padding, dilation, groups)
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device | str) -> Iterator[None]:
+    """While active, CPU ops on ``device`` run on one thread; the thread count is restored afterwards.
+
+    For passes of small maps (one image, a few windows): each op over more than PyTorch's grain size opens a
+    parallel region, and waiting for the other threads costs more than it saves there; on cores shared with
+    other jobs a waiting thread may not run for a whole time slice, which made such passes 10-20x slower on
+    two threads than on one.
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
