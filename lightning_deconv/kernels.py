@@ -131,10 +131,12 @@ class FastCPUOps(TorchFunctionMode):
 def one_thread(device: torch.device | str) -> Iterator[None]:
     """While active, CPU ops on ``device`` run on one thread; the thread count is restored afterwards.
 
-    For passes of small maps (one image, a few windows): each op over more than PyTorch's grain size opens a
-    parallel region, and waiting for the other threads costs more than it saves there; on cores shared with
-    other jobs a waiting thread may not run for a whole time slice, which made such passes 10-20x slower on
-    two threads than on one.
+    For passes of small maps (the plan's one image and few windows, the top-k bookkeeping on a few channels):
+    each op over PyTorch's grain size opens a parallel region, and waiting for the other threads costs more
+    than it saves there; on two cores shared with other jobs a waiting thread may not run for a whole time
+    slice, which made the plan 15x slower on two threads than on one (1.25 s against 0.08 s). The
+    projections' batches are larger and keep every thread: on a lightly loaded machine two threads made them
+    faster, only under heavy load did one thread win.
     """
     threads = torch.get_num_threads()
     if torch.device(device).type != "cpu" or threads == 1:

@@ -138,8 +138,7 @@ def project_rows(
         boxes = torch.tensor([[0, 0, height, width]]).expand(k, -1)
     tail = plan.tail
     stop = module if tail is None else {tail.before: named_layers(model)[tail.before]}
-    # Windows of a few images: many small ops, on one thread (see kernels.one_thread).
-    with projection_state(model), kernels.one_thread(device):
+    with projection_state(model):
         forward = bound_forward(model, state, float32=True)
         fast = kernels.FastCPUOps(device)  # one for all batches: it lays the filters out once
         out = torch.zeros(k, images.shape[1], height, width, device=device)
