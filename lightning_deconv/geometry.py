@@ -55,21 +55,27 @@ class ReceptiveField:
         return torch.stack([top, left, top + sizes[0], left + sizes[1]], dim=1)
 
     def windows(self, positions: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """Boxes ``[K, 4]`` of the smallest input windows the units at ``positions`` can be computed from exactly.
+        """Boxes ``[K, 4]`` of input windows, all of one size, from which the units at ``positions`` are computed
+        exactly.
 
         A unit depends only on the input inside its receptive field, so running the layers on a window that
         holds the field gives the same activation and the same projection, if the window keeps two things:
         the stride alignment (it starts at a multiple of ``stride``, so every intermediate unit lands on the
         full map's grid) and the true image borders (it is cut at them, never padded past them, since
-        padding the input is not the same as padding the maps inside the network). Unit ``(r, c)`` is unit
-        ``(r, c) - (top, left) // stride`` of its window. Windows away from the borders all have one size.
+        padding the input is not the same as padding the maps inside the network). A larger window that keeps
+        both is exact as well, so every window gets the size of one away from the borders (the field and its
+        misalignment, kept inside the image; at the far border a little more, so that it ends on the border
+        and starts on the stride grid), moved inwards at the borders: all rows of a layer run as one batch.
+        Unit ``(r, c)`` is unit ``(r, c) - (top, left) // stride`` of its window.
         """
         sides = []
         for axis in range(2):
-            jump = self.stride[axis]
+            jump, extent = self.stride[axis], int(image_size[axis])
+            nominal = self.size[axis] + self.offset[axis] % jump  # a window away from the borders
+            size = extent if nominal >= extent else extent - (extent - nominal) // jump * jump
             first = self.offset[axis] + positions[:, axis].long() * jump  # first pixel of each field
-            start = (torch.div(first, jump, rounding_mode="floor") * jump).clamp(min=0)
-            sides.append((start, (first + self.size[axis]).clamp(max=int(image_size[axis]))))
+            start = (torch.div(first, jump, rounding_mode="floor") * jump).clamp(0, extent - size)
+            sides.append((start, start + size))
         (top, bottom), (left, right) = sides
         return torch.stack([top, left, bottom, right], dim=1)
 
@@ -197,18 +203,18 @@ def exact_on_windows(
     """
     height, width = whole.shape[-2:]
     units = torch.tensor([[0, 0], [height // 2, width // 2], [height - 1, width - 1]])
-    boxes = field.windows(units, image.shape[-2:]).tolist()
-    for unit, (top, left, bottom, right) in zip(units, boxes, strict=True):
-        window = prepare(image[:, :, top:bottom, left:right])
-        try:
-            (got,) = run_until(forward, window, dict([layer]), lambda _, out, __: out, at_input).values()
-        except ValueError:
-            return False  # e.g. a window too small for the model
-        r, c = (unit - torch.tensor([top, left]) // torch.tensor(field.stride)).tolist()
+    boxes = field.windows(units, image.shape[-2:])
+    windows = torch.cat([image[:, :, top:bottom, left:right] for top, left, bottom, right in boxes.tolist()])
+    try:  # the windows have one size: one pass
+        (got,) = run_until(forward, prepare(windows), dict([layer]), lambda _, out, __: out, at_input).values()
+    except ValueError:
+        return False  # e.g. a window too small for the model
+    for i, (unit, at) in enumerate(zip(units, boxes[:, :2], strict=True)):
+        r, c = (unit - at // torch.tensor(field.stride)).tolist()
         want = whole[0, :, unit[0], unit[1]]
         if not (0 <= r < got.shape[-2] and 0 <= c < got.shape[-1]):
             return False
-        if (got[0, :, r, c] - want).abs().max() > 1e-4 * want.abs().max().clamp_min(1e-6):
+        if (got[i, :, r, c] - want).abs().max() > 1e-4 * want.abs().max().clamp_min(1e-6):
             return False
     return True
 

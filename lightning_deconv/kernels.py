@@ -10,6 +10,8 @@ pass channels-last and swaps in the two forms below; the tests hold each to the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,17 +19,50 @@ import torch.nn.functional as F
 from torch import Tensor, autograd
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FastCPUOps", "FewChannelConv2d", "local_response_norm"]
+__all__ = ["FastCPUOps", "FewChannelConv2d", "LocalResponseNorm", "local_response_norm", "one_thread"]
 
 
 def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
-    """``F.local_response_norm`` of a 4-D map, with the channel window summed as ``size`` shifted squares."""
-    channels = input.shape[1]
-    squares = F.pad(input * input, (0, 0, 0, 0, size // 2, (size - 1) // 2))
-    window = squares[:, :channels]
-    for shift in range(1, size):
-        window = window + squares[:, shift : shift + channels]
-    return input / (window * (alpha / size) + k) ** beta
+    """``F.local_response_norm`` of a 4-D map, with the channel window summed as ``size`` shifted squares and
+    the input's gradient written out (:class:`LocalResponseNorm`)."""
+    return LocalResponseNorm.apply(input, size, alpha, beta, k)
+
+
+def _window_sum(maps: Tensor, before: int, after: int) -> Tensor:
+    """Per channel ``c``, the sum of ``maps``' channels ``c - before`` to ``c + after`` (zero outside)."""
+    channels = maps.shape[1]
+    padded = F.pad(maps, (0, 0, 0, 0, before, after))
+    total = padded[:, :channels].clone()
+    for shift in range(1, before + after + 1):
+        total += padded[:, shift : shift + channels]
+    return total
+
+
+class LocalResponseNorm(autograd.Function):
+    r"""Local response normalisation of a 4-D map, :math:`y_c = x_c / d_c^\beta` with
+    :math:`d_c = k + \frac{\alpha}{n} \sum_{j \in W(c)} x_j^2` over the ``n`` channels :math:`W(c)` around
+    :math:`c` (``F.local_response_norm``'s window), and its input gradient in closed form:
+
+    .. math:: \frac{\partial L}{\partial x_i} = \frac{g_i}{d_i^\beta}
+        - \frac{2 \alpha \beta}{n}\, x_i \sum_{c:\, i \in W(c)} \frac{g_c\, x_c}{d_c^{\beta + 1}}
+
+    Autograd through the shifted squares would allocate a zeroed map for every shift's backward; this is a
+    handful of passes over the map. No gradient reaches ``size``, ``alpha``, ``beta`` or ``k``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+        scale = _window_sum(x * x, size // 2, (size - 1) // 2) * (alpha / size) + k
+        denominator = scale**beta
+        ctx.save_for_backward(x, scale, denominator)
+        ctx.size, ctx.factor = size, 2 * alpha * beta / size
+        return x / denominator
+
+    @staticmethod
+    def backward(ctx: Any, signal: Tensor) -> tuple[Tensor | None, ...]:
+        x, scale, denominator = ctx.saved_tensors
+        spread = _window_sum(signal * x / (denominator * scale), (ctx.size - 1) // 2, ctx.size // 2)
+        return signal / denominator - ctx.factor * x * spread, None, None, None, None
 
 
 class FewChannelConv2d(autograd.Function):
@@ -90,3 +125,25 @@ class FastCPUOps(TorchFunctionMode):
         if groups == 1 and weight.shape[1] <= 4 and not isinstance(padding, str):
             return FewChannelConv2d.apply(input, filters, bias, stride, padding, dilation)
         return F.conv2d(input, filters, bias, stride, padding, dilation, groups)
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device | str) -> Iterator[None]:
+    """While active, CPU ops on ``device`` run on one thread; the thread count is restored afterwards.
+
+    For passes of small maps (the plan's one image and few windows, the top-k bookkeeping on a few channels):
+    each op over PyTorch's grain size opens a parallel region, and waiting for the other threads costs more
+    than it saves there; on two cores shared with other jobs a waiting thread may not run for a whole time
+    slice, which made the plan 15x slower on two threads than on one (1.25 s against 0.08 s). The
+    projections' batches are larger and keep every thread: on a lightly loaded machine two threads made them
+    faster, only under heavy load did one thread win.
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -10,7 +10,9 @@ runs it over a whole dataset. Both give a :class:`TopK` per layer, which the eng
 
 The search runs one forward pass per batch, stopped at the deepest layer, for all layers at once, and keeps
 per feature only a running top ``k``: the running ``[F, k]`` and the batch's ``[F, B]`` per-image maxima are
-merged and cut back to ``k`` inside the layer's forward hook, so memory is ``O(F * k)`` plus one batch.
+merged and cut back to ``k`` inside the layer's forward hook, so memory is ``O(F * k)`` plus one batch. Where
+the images are kept, each chosen image is copied once, when it is chosen, and dropped when no top ``k`` holds
+it any more; the ``[F, k, C, H, W]`` tensor is laid out once, at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_deconv.kernels import FastCPUOps
+from lightning_deconv.kernels import FastCPUOps, one_thread
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
 from lightning_deconv.probe import untouched_rng
 from lightning_deconv.selection import check_channels, resolve_features
@@ -184,10 +186,15 @@ class _Running:
         self.best: dict[str, TopK] = {}
         self.seen = 0
         self.batch: Tensor | None = None  # the images of the batch being scanned, as the data gave them
+        self.kept: dict[int, Tensor] = {}  # with ``keep``: a copy of each image some running top k holds, by source
         self.peaks: dict[str, list[Tensor]] = {name: [] for name in modules}
         self.flat: dict[str, list[Tensor]] = {name: [] for name in modules}
 
     def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> TopK:
+        with one_thread(activation.device):  # small maps: see kernels.one_thread
+            return self._update(name, activation, layer_input)
+
+    def _update(self, name: str, activation: Tensor, layer_input: Tensor | None) -> TopK:
         if self.summaries:  # here, before a later in-place op can change the output
             self.peaks[name].append(activation.amax(dim=(0, 2, 3)).float().cpu())
             self.flat[name].append(activation.flatten(1).double().cpu())
@@ -216,21 +223,27 @@ class _Running:
             best.switch[fresh] = pooling_switches(
                 self.modules[name], layer_input, channels[rows[fresh]], order[fresh] - kept, best.position[fresh]
             )
-        if self.keep:  # copies of the chosen images, so that the batch itself is not held
-            images = self.batch.new_empty((*order.shape, *self.batch.shape[1:]))
-            images[fresh] = self.batch[order[fresh] - kept]
-            if previous is not None:
-                images[~fresh] = previous.images[rows[~fresh], order[~fresh]]
-            best = replace(best, images=images)
+        if self.keep:  # a copy of each newly chosen image, once (so that the batch itself is not held)
+            for source in best.source[fresh].unique().tolist():
+                if source not in self.kept:
+                    self.kept[source] = self.batch[source - self.seen].clone()
         return best
 
+    def forget(self) -> None:
+        """Drop the kept images no running top k holds any more (after each batch)."""
+        held = set(torch.cat([top.source.flatten() for top in self.best.values()]).tolist())
+        self.kept = {source: image for source, image in self.kept.items() if source in held}
+
     def result(self) -> dict[str, TopK]:
-        if not self.summaries:
-            return self.best
         found = {}
         for name, top in self.best.items():
-            x = torch.cat(self.flat[name])
-            found[name] = replace(top, peaks=torch.stack(self.peaks[name]).amax(dim=0), gram=x @ x.T)
+            if self.keep:
+                images = torch.stack([self.kept[source] for source in top.source.flatten().tolist()])
+                top = replace(top, images=images.view(*top.source.shape, *images.shape[1:]))
+            if self.summaries:
+                x = torch.cat(self.flat[name])
+                top = replace(top, peaks=torch.stack(self.peaks[name]).amax(dim=0), gram=x @ x.T)
+            found[name] = top
         return found
 
 
@@ -270,6 +283,7 @@ def scan(
             with fast:
                 running.best = run_until(forward, fast.prepare(x), modules, running)
             running.seen += len(batch)
+            running.forget()
     if not running.seen:
         raise ValueError("The data holds no images: give at least one.")
     return running.result()

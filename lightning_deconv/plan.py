@@ -102,7 +102,8 @@ def plan_layers(
     image = fast.prepare(image)
     activations = ActivationSurvey()
     try:
-        with projection_state(model), torch.no_grad(), fast, activations:
+        # One image and a few windows: small maps, run on one thread (see kernels.one_thread).
+        with projection_state(model), torch.no_grad(), kernels.one_thread(image.device), fast, activations:
             with tracing(model, image) as tracer, recording_links(linked) as links:
 
                 def capture(name: str, output: Tensor, layer_input: Tensor) -> tuple:

@@ -81,6 +81,8 @@ class Tail:
     def down(self, signal: Tensor, entry: torch.Size) -> Tensor:
         """The deconvnet's backward pass of the stretch: ``signal`` at its end, sent down to its entry."""
         shapes = self.shapes(entry)
+        layout = torch.channels_last if signal.device.type == "cpu" else torch.contiguous_format  # oneDNN's
+        signal = signal.contiguous(memory_format=layout)
         for module, shape in zip(reversed(self.modules), reversed(shapes[:-1]), strict=True):
             if isinstance(module, nn.ReLU):
                 signal = signal.clamp(min=0)  # rectify the signal itself
@@ -92,7 +94,7 @@ class Tail:
                     shape[-2:], out, module.stride, module.padding, module.dilation, module.kernel_size, strict=True
                 )
             ]
-            weight = module.weight.detach().to(signal.dtype)
+            weight = module.weight.detach().to(signal.dtype).contiguous(memory_format=layout)
             signal = F.conv_transpose2d(signal, weight, None, module.stride, module.padding, extra, 1, module.dilation)
         return signal
 

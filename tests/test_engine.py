@@ -15,7 +15,7 @@ from reference import explicit_deconvnet, strongest, swapped_relu_projection
 from torch import nn
 
 from lightning_deconv import Projector, deconvolve, find_maxima, project, receptive_field
-from lightning_deconv.geometry import input_field
+from lightning_deconv.geometry import ReceptiveField, input_field
 from lightning_deconv.paper.models import ZFNet
 
 
@@ -262,6 +262,28 @@ def test_non_spatial_layer_is_rejected():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
     with pytest.raises(ValueError, match="not a 4-D"):
         deconvolve(net, torch.rand(2, 3, 16, 16), {"2": [0]})
+
+
+@pytest.mark.parametrize(
+    "size, stride, offset, image",
+    [(139, 16, -59, 224), (107, 16, -43, 224), (11, 4, -3, 67), (75, 16, -27, 60), (7, 2, -1, 7), (5, 3, 2, 40)],
+)
+def test_windows_have_one_size_keep_the_grid_and_hold_each_field(size, stride, offset, image):
+    """Every window (one per unit of the map) has one size, starts on the stride grid, stays inside the
+    image and holds all of its unit's field that lies in the image: exactly what the windows' exactness
+    needs, and what lets a layer's rows run as one batch."""
+    field = ReceptiveField((size, size + 2), (stride, stride), (offset, offset))
+    units = (image + 2 * max(0, -offset) - size) // stride + 1
+    positions = torch.cartesian_prod(torch.arange(units), torch.arange(units))
+    boxes = field.windows(positions, (image, image + 3))
+    sides = boxes[:, 2:] - boxes[:, :2]
+    assert (sides == sides[0]).all()
+    assert (boxes[:, :2] % stride == 0).all() and (boxes[:, :2] >= 0).all()
+    assert (boxes[:, 2] <= image).all() and (boxes[:, 3] <= image + 3).all()
+    first = offset + positions * stride
+    assert (boxes[:, :2] <= first.clamp(min=0)).all()
+    last = (first + torch.tensor([size, size + 2])).minimum(torch.tensor([image, image + 3]))
+    assert (boxes[:, 2:] >= last).all()
 
 
 @pytest.mark.parametrize(

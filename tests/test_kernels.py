@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import zf_shaped
 from torch import nn
 
-from lightning_deconv.kernels import FastCPUOps, FewChannelConv2d, local_response_norm
+from lightning_deconv.kernels import FastCPUOps, FewChannelConv2d, local_response_norm, one_thread
 from lightning_deconv.paper.models import ZFNet
 
 
@@ -89,3 +89,19 @@ def test_fast_ops_take_keyword_arguments():
         lrn = F.local_response_norm(input=conv, size=3)
     torch.testing.assert_close(conv, F.conv2d(x, weight, stride=2))
     torch.testing.assert_close(lrn, F.local_response_norm(conv, 3))
+
+
+def test_one_thread_runs_cpu_work_on_one_thread_and_restores_the_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread("cpu"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_thread(torch.device("cpu")):
+            raise RuntimeError("restored on errors too")
+        assert torch.get_num_threads() == 2
+        with one_thread("meta"):  # other devices: the CPU thread count is not theirs to change
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
