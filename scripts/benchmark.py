@@ -322,13 +322,23 @@ def main() -> None:
         for measures in (True, False):
             report[f"demo_measures_{'on' if measures else 'off'}"] = demo_cost(ROOT / "configs" / "demo.yaml", measures)
             print(json.dumps(report[f"demo_measures_{'on' if measures else 'off'}"], indent=1), flush=True)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=1))
+    write_report(args.output, report)
     print(table(report))
 
 
-def _seconds(t: dict[str, float]) -> str:
-    return f"{t['median']:.3f} s ({t['min']:.3f}..{t['max']:.3f})"
+def write_report(path: str | Path, report: dict) -> None:
+    """Write a benchmark's results as JSON (the folder made if needed), atomically, and say where."""
+    from lightning_deconv.record import atomic_write
+
+    atomic_write(path, lambda file: file.write(json.dumps(report, indent=1).encode()))
+    print(f"Wrote {path}")
+
+
+def seconds(t: dict[str, float], digits: int = 3, lead: str = "median") -> str:
+    """A timing of :func:`timed`: ``"median s (min..max)"``, or with ``lead="min"`` ``"fastest s (median, max)"``."""
+    if lead == "min":
+        return f"{t['min']:.{digits}f} s ({t['median']:.{digits}f}, {t['max']:.{digits}f})"
+    return f"{t['median']:.{digits}f} s ({t['min']:.{digits}f}..{t['max']:.{digits}f})"
 
 
 def table(report: dict) -> str:
@@ -361,19 +371,18 @@ def _call_rows(report: dict) -> list[str]:
     t = c["times_s"]
     n, layers, per = c["probe"], c["layers"], c["features_per_layer"]
     return [
-        f"| plain forward of {n} probe images to {layers[-1]}, model as is (NCHW) | {_seconds(t['forward_as_is'])} |",
-        f"| the same forward, channels-last | {_seconds(t['forward_channels_last'])} |",
-        f"| `deconvolve(model, probe, {{{len(layers)} layers: {per} channels}})` | {_seconds(t['deconvolve'])} |",
+        f"| plain forward of {n} probe images to {layers[-1]}, model as is (NCHW) | {seconds(t['forward_as_is'])} |",
+        f"| the same forward, channels-last | {seconds(t['forward_channels_last'])} |",
+        f"| `deconvolve(model, probe, {{{len(layers)} layers: {per} channels}})` | {seconds(t['deconvolve'])} |",
         f"| **public call / fastest forward** (target <= 1.2x) | **{c['ratio_to_limit']:.2f}x** (rounds: "
         f"{_ratios(c['ratio_to_limit_by_round'])}; worst {c['worst_round']['ratio_to_limit']:.2f}x) |",
-        f"| Captum `NeuronDeconvolution`, one `attribute` per feature ({len(layers) * per}) | "
-        f"{_seconds(t['captum'])} |",
+        f"| Captum `NeuronDeconvolution`, one `attribute` per feature ({len(layers) * per}) | {seconds(t['captum'])} |",
         f"| **Captum / the call's cost beyond the forward** (target >= 10x; max rel. difference "
         f"{c['max_rel_error_vs_captum']:.1e}) | **{c['captum_over_beyond']:.1f}x** (rounds: "
         f"{_ratios(c['captum_over_beyond_by_round'], 1)}; worst {c['worst_round']['captum_over_beyond']:.1f}x) |",
         f"| single layer `deconvolve(model, probe, {{{c['single_layer']!r}: {per} channels}})` | "
-        f"{_seconds(t['deconvolve_single'])} ({c['single_ratio_to_limit']:.2f}x the forward) |",
-        f"| Captum for that layer's {per} features | {_seconds(t['captum_single'])}: "
+        f"{seconds(t['deconvolve_single'])} ({c['single_ratio_to_limit']:.2f}x the forward) |",
+        f"| Captum for that layer's {per} features | {seconds(t['captum_single'])}: "
         f"{c['single_captum_over_call']:.1f}x the whole call, "
         f"{c['single_captum_over_beyond']:.1f}x its cost beyond the forward |",
         f"| peak extra memory of a firing (kept plan) | {report['memory']['peak_extra_mb']:.0f} MiB |",

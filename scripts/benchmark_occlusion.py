@@ -29,11 +29,10 @@ import argparse
 import json
 import platform
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchmark import cpu_name, timed  # scripts/ is on the path when this script runs
+from benchmark import cpu_name, seconds, timed, write_report  # scripts/ is on the path when this script runs
 from captum.attr import Occlusion as CaptumOcclusion
 
 from lightning_deconv.analysis.cones import Cones
@@ -137,10 +136,6 @@ def compare(setting: dict, ppes: list[int], repeats: int, seed: int) -> dict:
     }
 
 
-def _seconds(t: dict[str, float]) -> str:
-    return f"{t['min']:.2f} s ({t['median']:.2f}, {t['max']:.2f})"
-
-
 def table(report: dict) -> str:
     header = (
         "| setting | occlusion() | full re-inference | Captum, best ppe | vs Captum | vs full | MAC limit | "
@@ -155,8 +150,8 @@ def table(report: dict) -> str:
         )
         best = r["times"][f"captum_ppe{r['captum_best_ppe']}"]
         lines.append(
-            f"| {label} | {_seconds(r['times']['ours'])} | {_seconds(r['times']['ours_full'])} | "
-            f"{_seconds(best)} (ppe {r['captum_best_ppe']}) | **{r['ratio']:.2f}x** | "
+            f"| {label} | {seconds(r['times']['ours'], 2, 'min')} | {seconds(r['times']['ours_full'], 2, 'min')} | "
+            f"{seconds(best, 2, 'min')} (ppe {r['captum_best_ppe']}) | **{r['ratio']:.2f}x** | "
             f"**{r['speedup_over_full']:.2f}x** | {r['limit']:.2f}x | {r['fraction_of_limit']:.2f} | "
             f"{r['relative_difference']:.1e} |"
         )
@@ -185,9 +180,7 @@ def main() -> None:
         report["results"][name] = compare(SETTINGS[name], args.ppe, args.repeats, args.seed)
         print(json.dumps(report["results"][name], indent=1), flush=True)
     print(table(report))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=1))
-    print(f"Wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
 import platform
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import cpu_name, rss_mb
+from benchmark import cpu_name, rss_mb, write_report
 
 from lightning_deconv import DeconvCallback
 from lightning_deconv.paper.models import ZFNet
@@ -113,8 +112,7 @@ def main() -> None:
         f"(+{result['state_growth_mib']:.2f}; the grid's crops: +{result['crops_growth_mib']:.2f}) |"
     )
     print(f"one firing file: {file_mib:.0f} MiB ({len(monitor.features)} layers' Gram matrices on {args.probe} images)")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    write_report(args.json, result)
 
 
 if __name__ == "__main__":

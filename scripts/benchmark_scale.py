@@ -53,7 +53,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import cpu_name, peak_rss_mb, timed
+from benchmark import cpu_name, peak_rss_mb, timed, write_report
 
 from lightning_deconv import DeconvCallback, Projection, Projector, deconvolve, project_top_k, top_k
 
@@ -294,9 +294,7 @@ def main() -> None:
     result["peak_rss_mib"] = peak_rss_mb()
     print(json.dumps(result["breakdown"], indent=1), flush=True)
     print(report(result))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
-    print(f"Wrote {args.output}")
+    write_report(args.output, result)
 
 
 if __name__ == "__main__":

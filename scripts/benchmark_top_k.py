@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import cpu_name, peak_rss_mb, rss_mb, timed
+from benchmark import cpu_name, peak_rss_mb, rss_mb, seconds, timed, write_report
 
 from lightning_deconv.analysis.top_k import top_k
 from lightning_deconv.layers import eval_mode, resolve_layers, run_until
@@ -188,13 +188,8 @@ def main() -> None:
             result["memory"] = scan_memory(name, list(memory), args.features, args.batch_size, threads)
         report[name] = result
         print(name, json.dumps(result, indent=1), flush=True)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=1))
+    write_report(args.output, report)
     print(table(report, setups))
-
-
-def _seconds(t: dict[str, float]) -> str:
-    return f"{t['median']:.2f} s ({t['min']:.2f}..{t['max']:.2f})"
 
 
 def table(report: dict, setups: list[str]) -> str:
@@ -205,14 +200,14 @@ def table(report: dict, setups: list[str]) -> str:
         rows.append(f"| {label} | " + " | ".join(cell(r) for r in results) + " |")
 
     row("images N", lambda r: str(r["images"]))
-    row("plain forward to pool5, NCHW", lambda r: _seconds(r["forward_as_is_s"]))
-    row("plain forward to pool5, channels-last", lambda r: _seconds(r["forward_channels_last_s"]))
-    row("`top_k`, k=9, 5 layers x 8 features", lambda r: _seconds(r["top_k_s"]))
+    row("plain forward to pool5, NCHW", lambda r: seconds(r["forward_as_is_s"], 2))
+    row("plain forward to pool5, channels-last", lambda r: seconds(r["forward_channels_last_s"], 2))
+    row("`top_k`, k=9, 5 layers x 8 features", lambda r: seconds(r["top_k_s"], 2))
     row(
         "**`top_k` / fastest plain forward** (target <= 1.1x; by round)",
         lambda r: f"**{r['ratio']:.2f}x** ({', '.join(f'{x:.2f}' for x in r['ratio_by_round'])})",
     )
-    row("`top_k(..., keep_images=True)` (as for a loader)", lambda r: _seconds(r["top_k_kept_s"]))
+    row("`top_k(..., keep_images=True)` (as for a loader)", lambda r: seconds(r["top_k_kept_s"], 2))
     row(
         "**the same / fastest plain forward** (by round)",
         lambda r: f"**{r['ratio_kept']:.2f}x** ({', '.join(f'{x:.2f}' for x in r['ratio_kept_by_round'])})",
