@@ -194,10 +194,12 @@ def breakdown(args: argparse.Namespace, probe: torch.Tensor, features: dict, dev
         loss.backward()
         optimizer.step()
 
-    def forward() -> None:
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def forward(net: torch.nn.Module = model, layout: torch.memory_format = torch.contiguous_format) -> None:
         with torch.no_grad(), autocast if args.amp else torch.no_grad():
             for part in probe.split(args.batch_size):
-                model(part)
+                net(part.contiguous(memory_format=layout))
 
     start = time.perf_counter()
     plan = Projector(model, features, input_size=(3, SIZE, SIZE), batch_size=args.batch_size)
@@ -217,6 +219,7 @@ def breakdown(args: argparse.Namespace, probe: torch.Tensor, features: dict, dev
     }
     if args.one_call:
         fns["forward"] = forward
+        fns["forward_cl"] = lambda: forward(channels_last, torch.channels_last)
         fns["deconvolve"] = lambda: deconvolve(model, probe, features, batch_size=args.batch_size)
     times = timed(fns, args.repeats, device)
     return {"plan": plan_seconds, "times": times, "plan_description": plan.describe()}
@@ -249,6 +252,7 @@ def report(result: dict) -> str:
     for name, label in (
         ("training_step", "one training step (its own copy)"),
         ("forward", f"plain forward of the {s['probe']} probe images"),
+        ("forward_cl", "the same forward, model and images channels-last"),
         ("maxima", "maxima pass (`plan.maxima(probe, summaries=True)`)"),
         ("project", "projections with crops (`plan.project`)"),
         ("finish", "crops and assembly alone (`Projection.assemble`)"),
@@ -260,6 +264,10 @@ def report(result: dict) -> str:
             continue
         t = b[name]
         lines.append(f"| {label} | {t['min']:.2f} ({t['median']:.2f}, {t['max']:.2f}) | {t['min'] / tstep:.2f}x |")
+    if "forward" in b:
+        fastest = min(b["forward"]["min"], b["forward_cl"]["min"])
+        ratio = b["top_k_scan"]["min"] / fastest
+        lines.append(f"\n`top_k` / the fastest plain forward of the same images: {ratio:.2f}x")
     return "\n".join(lines)
 
 
@@ -275,7 +283,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="mixed precision for training and validation")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the public-function breakdown")
-    parser.add_argument("--one-call", action="store_true", help="also time a plain forward and `deconvolve`")
+    parser.add_argument(
+        "--one-call", action="store_true", help="also time plain forwards (NCHW, channels-last) and `deconvolve`"
+    )
     parser.add_argument("--output", default="runs/benchmark_scale.json")
     args = parser.parse_args()
     if args.threads:
