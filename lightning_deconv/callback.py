@@ -139,7 +139,7 @@ class DeconvCallback(Scheduled, *callback_bases()):
             "features_per_layer": features_per_layer, "features": features, "mode": mode, "rule": rule, "crop": crop,
             "seed": seed, "batch_size": batch_size, "name": name,
         }  # fmt: skip
-        if watch is not None and (given := [key for key, value in what.items() if value is not _WATCH_DEFAULTS[key]]):
+        if watch is not None and (given := [key for key, value in what.items() if _given(value, _WATCH_DEFAULTS[key])]):
             raise ValueError(f"Give either `watch` or {given}, not both: a watch carries them.")
         self.watch = watch = own_watch(watch) if watch is not None else Watch(**what)
         watch.keeper = self  # its checkpoint state carries the probe and features for every monitor of the watch
@@ -373,6 +373,11 @@ _WATCH_DEFAULTS = {
     for name, parameter in inspect.signature(DeconvCallback.__init__).parameters.items()
     if name in inspect.signature(Watch.__init__).parameters
 }
+
+
+def _given(value: Any, default: Any) -> bool:
+    """Whether an argument differs from its default (by value: a config parser makes new, equal strings)."""
+    return value is not None if default is None else value != default
 
 
 def _writes_tensorboard(logger: Any) -> bool:

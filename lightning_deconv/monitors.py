@@ -21,6 +21,7 @@ from lightning_deconv.analysis.occlusion import occlusion
 from lightning_deconv.analysis.top_k import project_top_k, top_k
 from lightning_deconv.analysis.top_k_files import save_top_k
 from lightning_deconv.checks import check_int
+from lightning_deconv.layers import layer_name
 from lightning_deconv.maxima import TopK, merge_top_k
 from lightning_deconv.monitoring import PAPER_EPOCHS, Schedule, Scheduled, Sink, normalise_epochs
 from lightning_deconv.record import save_png
@@ -188,6 +189,7 @@ class OcclusionMonitor(Scheduled, *callback_bases()):
         self.schedule = Schedule(tuple(epochs), at_end=fire_at_end)
         self.seconds: dict[int, float] = {}
         self._tried: set[int] = set()
+        self._layer: str | None = None  # the layer mapped, resolved at fit start
 
     @property
     def state_key(self) -> str:
@@ -201,11 +203,14 @@ class OcclusionMonitor(Scheduled, *callback_bases()):
     def begin(self, trainer: Any) -> None:
         """Start a fit on a set-up watch."""
         self._tried, self.seconds = set(), {}
-        if self.layer is not None and self.layer not in self.watch.seen.shapes:
-            raise ValueError(
-                f"OcclusionMonitor(layer={self.layer!r}): not a layer with a 4-D output on the probe images; "
-                f"choose one of {sorted(self.watch.seen.shapes)[:8]}..."
-            )
+        self._layer = next(reversed(self.watch.features))  # default: the deepest tracked layer
+        if self.layer is not None:
+            self._layer = layer_name(self.watch.model, self.layer)  # unknown names: the nearest ones listed
+            if self._layer not in self.watch.seen.shapes:
+                raise ValueError(
+                    f"OcclusionMonitor(layer={self.layer!r}): not a layer with a 4-D output on the probe images; "
+                    f"choose one of {sorted(self.watch.seen.shapes)[:8]}..."
+                )
 
     def fire_due(self, trainer: Any, epoch: int) -> None:
         if self.schedule.due(epoch, self._tried):
@@ -223,11 +228,10 @@ class OcclusionMonitor(Scheduled, *callback_bases()):
         def finish(parts: list[Any]) -> None:
             images = self.watch.probe[: self.images]
             side = min(images.shape[-2:])
-            layer = self.layer or next(reversed(self.watch.features))
             found = occlusion(
                 self.watch.model,
                 images.to(self.watch.device),
-                layer,
+                self._layer,
                 patch=max(1, side // 4),
                 stride=max(1, side // 16),
             )

@@ -107,6 +107,8 @@ def test_a_monitor_alone_draws_its_own_probe_and_records_its_figure(tmp_path):
 def test_bad_compositions_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"either `watch` or \['probe'\]"):
         DeconvCallback(watch=Watch(), probe=X)
+    mode = "".join(["m", "ax"])  # equal to the default, but another object, as a config parser makes it
+    assert DeconvCallback(watch=Watch(), mode=mode, layers="auto").watch.mode == "max"
     with pytest.raises(TypeError, match=r"must be a lightning_deconv\.Watch"):
         TopKMonitor({"probe": X})
     with pytest.raises(ValueError, match="`k`"):
@@ -118,6 +120,13 @@ def test_bad_compositions_fail_clearly(tmp_path):
         max_epochs=1, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_checkpointing=False
     )
     with pytest.raises(ValueError, match=r"layer='net.fc'.*4-D"):
+        trainer.fit(Classifier(resnet), DataLoader(TensorDataset(X, Y), batch_size=8))
+    assert trainer.global_step == 0
+    misspelt = OcclusionMonitor(Watch(probe=X[:4], layers=LAYERS), layer="net.layr4")
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[misspelt], logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
+    with pytest.raises(ValueError, match=r"Unknown layer 'net.layr4'.*Nearest valid names: net\.layer4"):
         trainer.fit(Classifier(resnet), DataLoader(TensorDataset(X, Y), batch_size=8))
     assert trainer.global_step == 0
 
