@@ -5,7 +5,8 @@ size. It is made once and holds everything derived from the model, one :class:`~
 per layer: the module, its receptive field, and the one check (on the model itself) that decides where
 projecting on receptive-field windows is exact, which then decides both the windows and the crops. Every
 caller goes through it: :func:`deconvolve` makes one per call, :class:`~lightning_deconv.callback.DeconvCallback`
-keeps one for the whole fit.
+keeps one for the whole fit. What a plan learns by running the model (:class:`~lightning_deconv.plan.Survey`) is
+kept with the model while its structure stays the same, so a second call on the same model does not trace again.
 
 Where the speed comes from: one forward finds the maxima of every layer (stopped at the deepest,
 :mod:`lightning_deconv.maxima`); each projection runs on the window of its image that holds its receptive
@@ -23,7 +24,8 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from lightning_deconv.layers import check_images, uncompiled
+from lightning_deconv.kernels import per_pass
+from lightning_deconv.layers import check_images, model_device, uncompiled
 from lightning_deconv.maxima import TopK, find_maxima
 from lightning_deconv.plan import Crop, LayerPlan, Mode, Rule, plan_layers, structure
 from lightning_deconv.projection import Projection, project_rows
@@ -54,7 +56,8 @@ class Projector:
     At construction it resolves the layers (names as in ``model.named_modules()``; ``torch.compile``'s
     ``_orig_mod.`` is left out), traces each layer's receptive field and checks, with one forward pass of a
     seeded random image and the window forward passes it implies, that projecting on receptive-field windows
-    reproduces the whole-image pass. A layer whose field passes is projected on windows and cropped to its
+    reproduces the whole-image pass (once per model, structure and input size: see
+    :func:`~lightning_deconv.plan.survey`). A layer whose field passes is projected on windows and cropped to its
     receptive field; one whose field fails (or cannot be traced, e.g. behind a functional pooling) is
     projected on whole images and cropped to the projection's support, with one warning. It also records which
     activations the model calls: ReLU, LeakyReLU, PReLU and ReLU6 get the rule (see
@@ -73,8 +76,9 @@ class Projector:
         crop: cut projections to the activation's ``"receptive_field"`` (where exact, else the support), to
             their ``"support"``, or not at all (``"none"``).
         windows: project on receptive-field windows where exact (``False``: always whole images).
-        batch_size: images per forward pass when searching the maxima, rows per projection pass (default:
-            all at once).
+        batch_size: at most this many images per forward pass when searching the maxima, and rows per
+            projection pass (default: all at once on GPU; on CPU, passes are cut smaller where their largest
+            map would pass :data:`~lightning_deconv.kernels.CPU_PASS_BYTES`; see :meth:`images_per_pass`).
 
     Raises:
         ValueError: unknown layer (nearest names listed), empty or out-of-range channels, a layer whose output
@@ -115,7 +119,7 @@ class Projector:
         modules, channels = resolve_features(self.model, layers)
         self._structure = structure(self.model)
         self.layers: dict[str, LayerPlan]
-        self.layers, self.activations = plan_layers(
+        self.layers, self.activations, self._image_bytes = plan_layers(
             self.model, modules, channels, self.input_size, rule=rule, mode=mode, crop=crop, windows=windows
         )
 
@@ -150,7 +154,14 @@ class Projector:
         ``summaries``, also each layer's channel peaks and Gram matrix (see :func:`find_maxima`)."""
         self._check_images(images)
         channels = {name: layer.channels for name, layer in self.layers.items()}
-        return find_maxima(self.model, images, channels, batch_size=self.batch_size, state=state, summaries=summaries)
+        size = self.images_per_pass(len(images))
+        return find_maxima(self.model, images, channels, batch_size=size, state=state, summaries=summaries)
+
+    def images_per_pass(self, count: int) -> int:
+        """How many of ``count`` images one forward pass of :meth:`maxima` takes: at most ``batch_size``, and on
+        CPU as many as keep the largest map of the pass within :data:`~lightning_deconv.kernels.CPU_PASS_BYTES`
+        (larger maps are page-faulted in afresh on every pass)."""
+        return per_pass(count, self._image_bytes, model_device(self.model), self.batch_size)
 
     def project(
         self, images: Tensor, found: Mapping[str, TopK], state: Mapping[str, Tensor] | None = None
@@ -166,13 +177,22 @@ class Projector:
         unknown = [name for name in found if name not in self.layers]
         if unknown:
             raise ValueError(f"Layers {unknown} are not in this plan; it has {list(self.layers)}.")
-        options = {"rule": self.rule, "mode": self.mode, "batch_size": self.batch_size, "state": state}
-        return {
-            name: Projection.assemble(
-                self.layers[name], project_rows(self.model, self.layers[name], images, top, **options), top, images
-            )
-            for name, top in found.items()
-        }
+        options = {"rule": self.rule, "mode": self.mode, "state": state}
+        projections = {}
+        for name, top in found.items():
+            layer = self.layers[name]
+            rows = per_pass(top.source.numel(), self._window_bytes(layer), model_device(self.model), self.batch_size)
+            projected = project_rows(self.model, layer, images, top, batch_size=rows, **options)
+            projections[name] = Projection.assemble(layer, projected, top, images)
+        return projections
+
+    def _window_bytes(self, layer: LayerPlan) -> int:
+        """The most bytes one row's map takes in ``layer``'s projection passes: the image's, scaled to its window."""
+        if layer.windows is None:
+            return self._image_bytes
+        height, width = self.input_size[1:]
+        window = min(layer.windows.size[0], height) * min(layer.windows.size[1], width)
+        return self._image_bytes * window // (height * width)
 
     def _check_images(self, images: Tensor) -> None:
         check_images(self.model, images)
@@ -210,7 +230,7 @@ def deconvolve(
             channel's whole feature map in the image holding that maximum.
         rule: ``"deconvnet"`` (Zeiler & Fergus), ``"guided"`` (Springenberg et al.) or ``"gradient"``.
         crop: how :attr:`Projection.crops` are cut (see :class:`Projector`).
-        batch_size: images per forward pass (default: all at once).
+        batch_size: at most this many images per forward pass (default: all at once; see :class:`Projector`).
 
     Returns:
         ``{layer name: Projection}`` in the order of ``layers``, each (``images [K, C, H, W]``, ``source [K]``,

@@ -6,12 +6,17 @@ switch), records the activations the model calls (:class:`~lightning_deconv.rule
 fed whom along plain Conv2d/ReLU stretches (:mod:`lightning_deconv.tails`). Then each field is checked on the
 model itself (:func:`~lightning_deconv.geometry.exact_on_windows`): where it is exact, projections run on
 receptive-field windows and are cropped to the field; elsewhere on whole images, cropped to their support.
+What that pass learns depends on the model's structure and the input size only, so it is kept with the model
+(:func:`survey`) and reused for as long as the structure stays the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +30,7 @@ from lightning_deconv.rules import ActivationSurvey
 from lightning_deconv.selection import check_channels
 from lightning_deconv.tails import Tail, find_tail, recording_links
 
-__all__ = ["Crop", "LayerPlan", "Mode", "Rule", "plan_layers", "structure"]
+__all__ = ["Crop", "LayerPlan", "Mode", "Rule", "Survey", "plan_layers", "structure", "survey"]
 
 Rule = Literal["deconvnet", "guided", "gradient"]
 Mode = Literal["max", "map"]
@@ -79,8 +84,9 @@ def plan_layers(
     mode: Mode,
     crop: Crop,
     windows: bool,
-) -> tuple[dict[str, LayerPlan], list[str]]:
-    """The plan of every layer, and the activations the model calls on the way to them.
+) -> tuple[dict[str, LayerPlan], list[str], int]:
+    """The plan of every layer, the activations the model calls on the way to them, and the most bytes one
+    image's map takes at any module on that way.
 
     Warns once for the layers projected on whole images (their traced field is not exact) and once for smooth
     activations the rule does not cover.
@@ -93,6 +99,104 @@ def plan_layers(
         name: find_tail(model, name, starts[name]) if rule == "deconvnet" and mode == "max" else None
         for name in modules
     }
+    found = survey(model, modules, starts, tails, input_size)
+    for name in modules:
+        check_channels(name, channels[name], found.channels[name])
+    activations = _report_activations(found.rectifiers, found.smooth, rule)
+    inexact = [name for name in modules if not found.exact[name]]
+    if inexact:
+        warnings.warn(
+            f"Projecting {', '.join(map(repr, inexact))} on whole images and cropping to the projections' "
+            "support: the receptive field traced through the model's modules is not exact there (a "
+            "functional or unknown resampling on the path). Results stay exact; only slower.",
+            stacklevel=3,
+        )
+    plans = {}
+    for name in modules:
+        exact = found.exact[name]
+        traced = found.fields[name]
+        used = input_field(traced, modules[name]) if traced is not None and starts[name] else traced
+        plans[name] = LayerPlan(
+            name=name,
+            module=modules[name],
+            channels=channels[name],
+            field=traced if exact else None,
+            windows=used if exact and windows else None,
+            starts_at_switch=starts[name],
+            tail=tails[name] if found.chains[name] else None,
+            crop="support" if crop == "receptive_field" and not exact else crop,
+        )
+    return plans, activations, found.image_bytes
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What one forward pass of a seeded random image, and the window passes it implies, tells of a model.
+
+    It depends on the model's structure and the input size, not on the weights, so it is kept with the model
+    (weakly: it holds no module) and made again only when the structure changes (see :func:`survey`).
+
+    Attributes:
+        structure: the model's :func:`structure` when surveyed.
+        fields: per layer, the traced receptive field of its output (``None``: not traceable).
+        exact: per layer, whether projecting on receptive-field windows reproduces the whole-image pass.
+        chains: per layer, whether the model runs the layer's plain tail as one chain (``False`` if none).
+        channels: per layer, the channels of its map.
+        rectifiers, smooth: the activations the model calls on the way (display names).
+        image_bytes: the most bytes one image's map takes at any module on the way to the deepest layer.
+    """
+
+    structure: tuple
+    fields: dict[str, ReceptiveField | None]
+    exact: dict[str, bool]
+    chains: dict[str, bool]
+    channels: dict[str, int]
+    rectifiers: frozenset[str]
+    smooth: frozenset[str]
+    image_bytes: int
+
+
+# Surveys by model, then by what they were asked; a model's entry goes with the model.
+_SURVEYS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Survey]] = weakref.WeakKeyDictionary()
+_SURVEYS_PER_MODEL = 8
+
+
+def survey(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    starts: dict[str, bool],
+    tails: dict[str, Tail | None],
+    input_size: tuple[int, ...],
+) -> Survey:
+    """The :class:`Survey` of ``model`` for these layers at ``input_size``: the one made before for the same
+    question while the model's structure is unchanged (so repeated :func:`~lightning_deconv.engine.deconvolve`
+    calls do not trace again), else a new one."""
+    reference = next(model.parameters(), torch.empty(0))
+    key = (
+        tuple(input_size),
+        str(reference.device),
+        working_dtype(model),
+        tuple((name, starts[name], tails[name] is not None) for name in modules),
+    )
+    shape = structure(model)
+    kept = _SURVEYS.setdefault(model, {})
+    found = kept.pop(key, None)
+    if found is None or found.structure != shape:
+        found = _survey(model, modules, starts, tails, input_size, shape)
+    kept[key] = found  # the most recent last
+    while len(kept) > _SURVEYS_PER_MODEL:
+        del kept[next(iter(kept))]
+    return found
+
+
+def _survey(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    starts: dict[str, bool],
+    tails: dict[str, Tail | None],
+    input_size: tuple[int, ...],
+    shape: tuple,
+) -> Survey:
     consumers = {name: modules[name] if starts[name] else None for name in modules}
     linked = [m for name, t in tails.items() if t for m in (t.entry, *t.modules, consumers[name]) if m is not None]
     image = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
@@ -104,56 +208,54 @@ def plan_layers(
     try:
         # One image and a few windows: small maps, run on one thread (see kernels.one_thread).
         with projection_state(model), torch.no_grad(), kernels.one_thread(image.device), fast, activations:
-            with tracing(model, image) as tracer, recording_links(linked) as links:
+            with tracing(model, image) as tracer, recording_links(linked) as links, _largest_map(model) as largest:
 
                 def capture(name: str, output: Tensor, layer_input: Tensor) -> tuple:
                     map_ = layer_input if starts[name] else output
                     if not isinstance(map_, Tensor) or map_.dim() != 4:
                         raise ValueError(f"Layer {name!r} takes {type(map_).__name__}, not a 4-D feature map.")
-                    check_channels(name, channels[name], map_.shape[1])
                     return tracer.field_of(output), map_.detach().clone()  # later in-place ops must not reach it
 
                 whole = run_until(forward, image, modules, capture)
             traced = {name: field for name, (field, _) in whole.items()}
-            used = {
-                name: input_field(field, modules[name]) if field is not None and starts[name] else field
-                for name, field in traced.items()
-            }
-            exact = {
-                name: field is not None
-                and exact_on_windows(
-                    forward, image, (name, modules[name]), field, whole[name][1], starts[name], fast.prepare
+            exact = {}
+            for name, field in traced.items():
+                used = input_field(field, modules[name]) if field is not None and starts[name] else field
+                exact[name] = used is not None and exact_on_windows(
+                    forward, image, (name, modules[name]), used, whole[name][1], starts[name], fast.prepare
                 )
-                for name, field in used.items()
-            }
     except ValueError as error:
         raise ValueError(f"{error} (input size {tuple(input_size)})") from error
-    found = _report_activations(activations.rectifiers, activations.smooth, rule)
-    inexact = [name for name in traced if not exact[name]]
-    if inexact:
-        warnings.warn(
-            f"Projecting {', '.join(map(repr, inexact))} on whole images and cropping to the projections' "
-            "support: the receptive field traced through the model's modules is not exact there (a "
-            "functional or unknown resampling on the path). Results stay exact; only slower.",
-            stacklevel=3,
-        )
-    plans = {}
-    for name in modules:
-        tail = tails[name]
-        plans[name] = LayerPlan(
-            name=name,
-            module=modules[name],
-            channels=channels[name],
-            field=traced[name] if exact[name] else None,
-            windows=used[name] if exact[name] and windows else None,
-            starts_at_switch=starts[name],
-            tail=tail if tail is not None and tail.ran_as_chain(links, consumers[name]) else None,
-            crop="support" if crop == "receptive_field" and not exact[name] else crop,
-        )
-    return plans, found
+    return Survey(
+        structure=shape,
+        fields=traced,
+        exact=exact,
+        chains={name: tail is not None and tail.ran_as_chain(links, consumers[name]) for name, tail in tails.items()},
+        channels={name: int(map_.shape[1]) for name, (_, map_) in whole.items()},
+        rectifiers=frozenset(activations.rectifiers),
+        smooth=frozenset(activations.smooth),
+        image_bytes=largest[0],
+    )
 
 
-def _report_activations(rectifiers: set[str], smooth: set[str], rule: str) -> list[str]:
+@contextlib.contextmanager
+def _largest_map(model: nn.Module) -> Iterator[list[int]]:
+    """While active, ``[bytes]``: the largest tensor output of any of the model's leaf modules so far."""
+    largest = [0]
+
+    def record(module: nn.Module, inputs: tuple, output: object) -> None:
+        if isinstance(output, Tensor):
+            largest[0] = max(largest[0], output.numel() * output.element_size())
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+    try:
+        yield largest
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _report_activations(rectifiers: frozenset[str], smooth: frozenset[str], rule: str) -> list[str]:
     if smooth and rule != "gradient":
         warnings.warn(
             f"The model calls {', '.join(sorted(smooth))} on the way to the tracked layers. The {rule} rule "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from helpers import randomise_bn, rel_err, zf_shaped
 from reference import explicit_deconvnet, swapped_relu_projection
 from torch import nn
 
-from lightning_deconv import Projector, deconvolve, support_boxes
+from lightning_deconv import Projector, deconvolve, find_maxima, support_boxes
+from lightning_deconv.kernels import CPU_PASS_BYTES, per_pass
 from lightning_deconv.paper.models import ZFNet
 
 
@@ -223,3 +226,60 @@ def test_plain_tails_skip_their_forward_only_where_the_model_runs_them_as_a_chai
         image, where = got.source[k].item(), tuple(got.position[k].tolist())
         want = swapped_relu_projection(model, images[image : image + 1], "features.5", channel, where, "deconvnet")
         assert rel_err(got.images[k], want[0]) < 1e-6
+
+
+def test_the_survey_is_kept_with_the_model_while_its_structure_stays():
+    """A second plan of the same model runs no forward pass to plan (so repeated deconvolve calls do not trace
+    again); another input size or a changed structure is surveyed anew, warnings still come every time, and the
+    kept survey does not keep the model alive."""
+    torch.manual_seed(0)
+    net = zf_shaped()
+    passes = []
+    net[0].register_forward_hook(lambda module, inputs, output: passes.append(len(inputs[0])))
+    Projector(net, {"5": [0, 1], "7": [0]}, input_size=(3, 65, 63))
+    assert passes
+    passes.clear()
+    plan = Projector(net, {"5": [2], "7": [1, 3]}, input_size=(3, 65, 63))  # other channels, same question
+    assert not passes
+    with torch.no_grad():
+        net[3].weight.mul_(-1)
+    images = torch.randn(3, 3, 65, 63)
+    got = plan(images)
+    assert passes  # the maxima pass and the windows: the plan itself ran nothing
+    passes.clear()
+    Projector(net, {"5": [2], "7": [1, 3]}, input_size=(3, 64, 64))
+    assert passes  # another input size is surveyed anew
+    net.append(nn.Conv2d(24, 4, 1))
+    passes.clear()
+    again = Projector(net, {"5": [2], "7": [1, 3]}, input_size=(3, 65, 63))
+    assert passes  # a new structure is surveyed anew
+    assert torch.equal(again(images)["5"].images, got["5"].images)
+
+    model = HiddenPool().double()
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="'relu' on whole images"):
+            Projector(model, {"relu": [0]}, input_size=(3, 40, 36))
+    alive = weakref.ref(net)
+    del net, plan, again
+    gc.collect()
+    assert alive() is None
+
+
+def test_cpu_passes_are_cut_to_keep_their_largest_map_small():
+    """On CPU the maxima pass runs as many images at once as keep its largest map within CPU_PASS_BYTES (larger
+    maps are page-faulted in afresh on every pass), and finds what one pass over all images finds."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 8, 3)).double()
+    images = torch.randn(10, 3, 96, 96, dtype=torch.float64)
+    per_image = 64 * 96 * 96 * 8  # the first conv's map, float64
+    plan = Projector(net, {"2": [0, 5, 9], "3": [1, 7]}, input_size=images.shape[1:])
+    assert plan.images_per_pass(10) == CPU_PASS_BYTES // per_image < 10
+    assert Projector(net, {"3": [1]}, input_size=images.shape[1:], batch_size=2).images_per_pass(10) == 2
+    assert per_pass(10, per_image, "cuda") == 10 and per_pass(10, per_image, "cuda", most=4) == 4
+    cut = plan.maxima(images)
+    whole = find_maxima(net, images, {"2": [0, 5, 9], "3": [1, 7]})
+    for name in cut:
+        assert torch.equal(cut[name].source, whole[name].source)
+        assert torch.equal(cut[name].position, whole[name].position)
+        assert torch.allclose(cut[name].value, whole[name].value, rtol=1e-12)
+        assert torch.equal(cut[name].switch, whole[name].switch) if name == "2" else cut[name].switch is None
