@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from lightning_deconv.kernels import per_pass
@@ -191,8 +192,8 @@ class Projector:
         if layer.windows is None:
             return self._image_bytes
         height, width = self.input_size[1:]
-        window = min(layer.windows.size[0], height) * min(layer.windows.size[1], width)
-        return self._image_bytes * window // (height * width)
+        top, left, bottom, right = layer.windows.windows(torch.zeros(1, 2), (height, width))[0].tolist()
+        return self._image_bytes * (bottom - top) * (right - left) // (height * width)
 
     def _check_images(self, images: Tensor) -> None:
         check_images(self.model, images)

@@ -152,9 +152,7 @@ def project_rows(
             if tail is None:
                 seed = _seed(activation, channels[rows], seed_at, mode)
             else:  # no forward past the stretch: the seed is the maximum's value, sent down by hand
-                end = torch.zeros(tail.shapes(activation.shape)[-1], dtype=activation.dtype, device=device)
-                end[torch.arange(len(rows)), channels[rows], seed_at[:, 0], seed_at[:, 1]] = value[rows].to(end)
-                seed = tail.down(end, activation.shape)
+                seed = tail.down(value[rows].to(activation), channels[rows], seed_at, activation.shape)
             (grad,) = torch.autograd.grad(activation, x, grad_outputs=seed)
             for row, (top, left, bottom, right), window in zip(rows.tolist(), box.tolist(), grad, strict=True):
                 out[row, :, top:bottom, left:right] = window.detach()

@@ -13,7 +13,7 @@ model runs the stretch as one chain (each module fed exactly the previous one's 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -78,25 +78,48 @@ class Tail:
                 shapes.append(shapes[-1])
         return shapes
 
-    def down(self, signal: Tensor, entry: torch.Size) -> Tensor:
-        """The deconvnet's backward pass of the stretch: ``signal`` at its end, sent down to its entry."""
+    def down(self, value: Tensor, channels: Tensor, position: Tensor, entry: torch.Size) -> Tensor:
+        """The deconvnet's backward pass of the stretch, one unit per row: row ``i`` seeded with ``value[i]`` at
+        channel ``channels[i]``, ``position[i]`` (row, col) of the stretch's end, sent down to its entry
+        (``[K, C, H, W]`` of shape ``entry``).
+
+        Each row runs on its unit's support only: one pixel at the end, widened by each transposed filter (run
+        without padding, so nothing is cut) and then kept inside that map's borders, which is what the padded
+        transposed filter of the whole map computes there; the whole map outside the support stays zero.
+        """
         shapes = self.shapes(entry)
-        layout = torch.channels_last if signal.device.type == "cpu" else torch.contiguous_format  # oneDNN's
-        signal = signal.contiguous(memory_format=layout)
+        device, rows = value.device, torch.arange(len(value), device=value.device)
+        layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # oneDNN's
+        signal = torch.zeros(len(value), shapes[-1][1], 1, 1, dtype=value.dtype, device=device)
+        signal[rows, channels.to(device), 0, 0] = value
+        start = position.to(device).long()  # each row's support: its top-left corner in the current map
         for module, shape in zip(reversed(self.modules), reversed(shapes[:-1]), strict=True):
             if isinstance(module, nn.ReLU):
                 signal = signal.clamp(min=0)  # rectify the signal itself
                 continue
-            out = signal.shape[-2:]
-            extra = [
-                side - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-                for side, o, s, p, d, k in zip(
-                    shape[-2:], out, module.stride, module.padding, module.dilation, module.kernel_size, strict=True
-                )
-            ]
             weight = module.weight.detach().to(signal.dtype).contiguous(memory_format=layout)
-            signal = F.conv_transpose2d(signal, weight, None, module.stride, module.padding, extra, 1, module.dilation)
-        return signal
+            signal = F.conv_transpose2d(
+                signal.contiguous(memory_format=layout), weight, None, module.stride, 0, 0, 1, module.dilation
+            )
+            start = start * torch.tensor(module.stride, device=device) - torch.tensor(module.padding, device=device)
+            signal = signal * _inside(start, signal.shape[-2:], shape[-2:]).to(signal.dtype)
+        entered = torch.zeros(entry, dtype=value.dtype, device=device)
+        (height, width), (h, w) = entry[-2:], signal.shape[-2:]
+        for i, (top, left) in enumerate(start.tolist()):
+            y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + h, height), min(left + w, width)
+            if y0 < y1 and x0 < x1:
+                entered[i, :, y0:y1, x0:x1] = signal[i, :, y0 - top : y1 - top, x0 - left : x1 - left]
+        return entered.contiguous(memory_format=layout)
+
+
+def _inside(start: Tensor, size: Sequence[int], bounds: Sequence[int]) -> Tensor:
+    """``[K, 1, h, w]``: which pixels of each row's ``size`` support, at ``start`` ``[K, 2]``, lie inside a map
+    of ``bounds`` (height, width)."""
+    masks = []
+    for axis in range(2):
+        at = start[:, axis, None] + torch.arange(size[axis], device=start.device)
+        masks.append((at >= 0) & (at < bounds[axis]))
+    return masks[0][:, None, :, None] & masks[1][:, None, None, :]
 
 
 def find_tail(model: nn.Module, layer: str, at_input: bool) -> Tail | None:

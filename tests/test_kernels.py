@@ -33,15 +33,26 @@ def test_local_response_norm_equals_stock(size, alpha, beta, k):
 
 
 @pytest.mark.parametrize(
-    "stride, padding, dilation, side",
-    [(2, 1, 1, 31), (2, 1, 1, 32), (1, 0, 1, 17), (3, 2, 1, 29), (2, (1, 3), 2, 30), ((1, 2), 0, (2, 1), 23)],
+    "stride, padding, dilation, side, kernel",
+    [
+        (2, 1, 1, 31, (5, 4)),
+        (2, 1, 1, 32, (5, 4)),
+        (1, 0, 1, 17, (5, 4)),
+        (3, 2, 1, 29, (5, 4)),
+        (2, (1, 3), 2, 30, (5, 4)),
+        ((1, 2), 0, (2, 1), 23, (5, 4)),
+        (2, 3, 1, 40, (7, 7)),  # ZFNet's conv1 shape, channels-last below
+        (2, 0, 1, 15, (1, 1)),  # fewer taps than the stride: some phases take none
+        ((3, 1), (0, 2), 1, 26, (3, 2)),
+    ],
 )
-def test_few_channel_conv_equals_stock(stride, padding, dilation, side):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_few_channel_conv_equals_stock(stride, padding, dilation, side, kernel, layout):
     """Odd sizes leave the last input pixels outside every window; their gradient must be zero there too."""
     gen = torch.Generator().manual_seed(1)
-    weight = torch.randn(6, 3, 5, 4, generator=gen, dtype=torch.float64)
+    weight = torch.randn(6, 3, *kernel, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
     bias = torch.randn(6, generator=gen, dtype=torch.float64)
-    x = torch.randn(2, 3, side, side + 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 3, side, side + 3, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
     out_shape = F.conv2d(x, weight, bias, stride, padding, dilation).shape
     signal = torch.randn(out_shape, generator=gen, dtype=torch.float64)
     want = _value_and_grad(lambda t: F.conv2d(t, weight, bias, stride, padding, dilation), x, signal)

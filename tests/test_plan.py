@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from helpers import randomise_bn, rel_err, zf_shaped
 from reference import explicit_deconvnet, swapped_relu_projection
@@ -16,6 +17,7 @@ from torch import nn
 from lightning_deconv import Projector, deconvolve, find_maxima, support_boxes
 from lightning_deconv.kernels import CPU_PASS_BYTES, per_pass
 from lightning_deconv.paper.models import ZFNet
+from lightning_deconv.tails import find_tail
 
 
 def _zfnet():
@@ -283,3 +285,38 @@ def test_cpu_passes_are_cut_to_keep_their_largest_map_small():
         assert torch.equal(cut[name].position, whole[name].position)
         assert torch.allclose(cut[name].value, whole[name].value, rtol=1e-12)
         assert torch.equal(cut[name].switch, whole[name].switch) if name == "2" else cut[name].switch is None
+
+
+@pytest.mark.parametrize("side", [9, 12])
+def test_a_tail_goes_down_on_each_units_support_as_on_the_whole_map(side):
+    """Tail.down runs each row on its unit's support; the padded transposed filters of the whole maps (with
+    the signal rectified between them) give the same, at the borders too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 3, stride=2, padding=2, dilation=2),
+        nn.ReLU(),
+        nn.Conv2d(5, 7, (3, 1), padding=(1, 0)),
+    ).double()
+    tail = find_tail(net, "5", at_input=False)
+    assert tail is not None and tail.before == "0"
+    entry = torch.Size([6, 4, side, side + 1])
+    shapes = tail.shapes(entry)
+    end = shapes[-1]
+    corners = [[0, 0], [end[2] - 1, end[3] - 1], [0, end[3] - 1], [end[2] // 2, end[3] // 2]]
+    position = torch.tensor([*corners, [end[2] - 1, 0], [1, 1]])
+    channels, value = torch.tensor([0, 6, 3, 2, 5, 1]), torch.rand(6, dtype=torch.float64) + 0.5
+    signal = torch.zeros(end, dtype=torch.float64)
+    signal[torch.arange(6), channels, position[:, 0], position[:, 1]] = value
+    for module, shape in zip(reversed(tail.modules), reversed(shapes[:-1]), strict=True):
+        if isinstance(module, nn.ReLU):
+            signal = signal.clamp(min=0)
+            continue
+        grown = F.conv_transpose2d(signal, module.weight, None, module.stride, module.padding, 0, 1, module.dilation)
+        extra = [want - got for want, got in zip(shape[-2:], grown.shape[-2:], strict=True)]
+        signal = F.pad(grown, (0, extra[1], 0, extra[0]))
+    got = tail.down(value, channels, position, entry)
+    assert got.shape == entry and torch.allclose(got, signal, rtol=1e-12, atol=1e-12)
+    assert signal.abs().sum() > 0
