@@ -56,11 +56,20 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
 def _window_sum(maps: Tensor, before: int, after: int) -> Tensor:
     """Per channel ``c``, the sum of ``maps``' channels ``c - before`` to ``c + after`` (zero outside)."""
     channels = maps.shape[1]
-    padded = F.pad(maps, (0, 0, 0, 0, before, after))
-    total = padded[:, :channels].clone()
-    for shift in range(1, before + after + 1):
-        total += padded[:, shift : shift + channels]
+    total = maps.clone()
+    for shift in range(1, min(before, channels - 1) + 1):
+        total[:, shift:] += maps[:, : channels - shift]
+    for shift in range(1, min(after, channels - 1) + 1):
+        total[:, : channels - shift] += maps[:, shift:]
     return total
+
+
+def _power(base: Tensor, beta: float) -> Tensor:
+    """``base ** beta``; for the usual 0.75 by square roots, which CPUs take several times faster than ``pow``."""
+    if beta == 0.75:
+        root = base.sqrt()
+        return root.mul_(root.sqrt())
+    return base**beta
 
 
 class LocalResponseNorm(autograd.Function):
@@ -77,8 +86,10 @@ class LocalResponseNorm(autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
-        scale = _window_sum(x * x, size // 2, (size - 1) // 2) * (alpha / size) + k
-        denominator = scale**beta
+        scale = _window_sum(x * x, size // 2, (size - 1) // 2).mul_(alpha / size).add_(k)
+        denominator = _power(scale, beta)
+        if not ctx.needs_input_grad[0]:  # e.g. the maxima pass: no map is kept, the last one is written over
+            return torch.div(x, denominator, out=denominator)
         ctx.save_for_backward(x, scale, denominator)
         ctx.size, ctx.factor = size, 2 * alpha * beta / size
         return x / denominator

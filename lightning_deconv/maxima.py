@@ -155,8 +155,15 @@ def image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tenso
     """
     n, c, h, w = activation.shape
     check_channels(name, channels, c)
-    maps = activation.detach()[:, channels.to(activation.device)].transpose(0, 1).reshape(len(channels), n, h * w)
-    value, flat = maps.to(torch.promote_types(maps.dtype, torch.float32)).max(dim=2)
+    channels, maps = channels.to(activation.device), activation.detach()
+    if maps.is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous():
+        # [N, H*W, C] is a view here: pick the channels from each pixel's row rather than gather strided maps.
+        picked = maps.permute(0, 2, 3, 1).reshape(n, h * w, c).index_select(2, channels)
+        value, flat = picked.to(torch.promote_types(maps.dtype, torch.float32)).max(dim=1)
+        value, flat = value.t(), flat.t()
+    else:
+        picked = maps[:, channels].transpose(0, 1).reshape(len(channels), n, h * w)
+        value, flat = picked.to(torch.promote_types(maps.dtype, torch.float32)).max(dim=2)
     flat = flat.cpu()
     return value.cpu(), torch.stack([flat // w, flat % w], dim=2)
 
@@ -214,7 +221,9 @@ class _Running:
         previous = self.best.get(name)
         kept = 0 if previous is None else previous.k
         candidates = new if previous is None else TopK.side_by_side([replace(previous, images=None), new])
-        order = _best(candidates.value, candidates.source, self.k)
+        # The candidates' sources are distinct and ascending among equal values (the running best, then this
+        # batch's later images), so a stable sort by value alone ranks them as _best does.
+        order = candidates.value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
         best = candidates.columns(order)
         fresh = order >= kept  # columns that come from this batch
         rows = torch.arange(f).unsqueeze(1).expand_as(order)

@@ -21,15 +21,24 @@ def _value_and_grad(fn, x: torch.Tensor, signal: torch.Tensor) -> tuple[torch.Te
     return out.detach(), grad
 
 
-@pytest.mark.parametrize("size, alpha, beta, k", [(5, 1e-4, 0.75, 2.0), (4, 1e-2, 0.5, 1.0), (1, 0.3, 1.2, 0.5)])
-def test_local_response_norm_equals_stock(size, alpha, beta, k):
+@pytest.mark.parametrize(
+    "size, alpha, beta, k", [(5, 1e-4, 0.75, 2.0), (4, 1e-2, 0.5, 1.0), (1, 0.3, 1.2, 0.5), (9, 0.2, 0.75, 1.0)]
+)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_local_response_norm_equals_stock(size, alpha, beta, k, layout):
+    """With and without its gradient (the maxima pass takes the lean form), windows wider than the channels too."""
     gen = torch.Generator().manual_seed(0)
-    x = 3 * torch.randn(2, 7, 5, 6, generator=gen, dtype=torch.float64)
+    x = 3 * torch.randn(2, 7, 5, 6, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
     signal = torch.randn(2, 7, 5, 6, generator=gen, dtype=torch.float64)
     want = _value_and_grad(lambda t: F.local_response_norm(t, size, alpha, beta, k), x, signal)
     got = _value_and_grad(lambda t: local_response_norm(t, size, alpha, beta, k), x, signal)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    before = x.clone()
+    with torch.no_grad():
+        lean = local_response_norm(x, size, alpha, beta, k)
+    torch.testing.assert_close(lean, want[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(x, before)  # the lean form writes over its own maps only
 
 
 @pytest.mark.parametrize(
