@@ -203,13 +203,13 @@ def public_call(model, probe, features, repeats, device, amp) -> dict:
         "ratio_to_one_pass_forward": t["deconvolve"]["median"] / one_pass,
         "first_call_ratio_to_limit": t["deconvolve_first"]["median"] / limit,
         "beyond_forward_s": beyond,
-        "captum_over_beyond": t["captum"]["median"] / beyond,
+        "captum_over_beyond": t["captum"]["median"] / beyond if beyond > 0 else float("inf"),
         "ratio_to_limit_by_round": call_ratios,
         "captum_over_beyond_by_round": captum_ratios,
         "worst_round": {"ratio_to_limit": max(call_ratios), "captum_over_beyond": min(captum_ratios)},
         "single_layer": single,
         "single_ratio_to_limit": t["deconvolve_single"]["median"] / limit,
-        "single_captum_over_beyond": t["captum_single"]["median"] / beyond_single,
+        "single_captum_over_beyond": t["captum_single"]["median"] / beyond_single if beyond_single > 0 else None,
         "single_captum_over_call": t["captum_single"]["median"] / t["deconvolve_single"]["median"],
         "max_rel_error_vs_captum": max(errors),
         "windows": {
@@ -403,7 +403,11 @@ def _call_rows(report: dict) -> list[str]:
         f"{seconds(t['deconvolve_single'])} ({c['single_ratio_to_limit']:.2f}x the forward) |",
         f"| Captum for that layer's {per} features | {seconds(t['captum_single'])}: "
         f"{c['single_captum_over_call']:.1f}x the whole call, "
-        f"{c['single_captum_over_beyond']:.1f}x its cost beyond the forward |",
+        + (
+            f"{c['single_captum_over_beyond']:.1f}x its cost beyond the forward |"
+            if c["single_captum_over_beyond"] is not None
+            else "the call costs no more than the forward |"
+        ),
         f"| peak extra memory of a firing (kept plan) | {report['memory']['peak_extra_mb']:.0f} MiB |",
         "| memory after firings 1..4 | "
         + ", ".join(f"{m:.0f}" for m in report["memory"]["memory_after_each_mb"])
