@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from lightning_deconv.kernels import FastCPUOps, one_thread
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
@@ -172,15 +173,29 @@ def pooling_switches(
     pool: nn.MaxPool2d, pool_input: Tensor, channels: Tensor, source: Tensor, position: Tensor
 ) -> Tensor:
     """``[K, 2]`` where in ``pool``'s input the maximum of each row (channel, image ``source`` of
-    ``pool_input``, ``position`` in the output) came from, as ``pool`` itself picks it."""
-    device = pool_input.device
-    maps = pool_input.detach()[source.to(device), channels.to(device)].unsqueeze(1)
-    _, index = F.max_pool2d(
-        maps, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, return_indices=True
+    ``pool_input``, ``position`` in the output) came from, as ``pool`` itself picks it: the pooling runs again
+    on each row's window only (its taps inside the map, in the same order), not on whole maps."""
+    kernel, stride, padding, dilation = (
+        _pair(value) for value in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.dilation)
     )
-    flat = index[torch.arange(len(channels)), 0, position[:, 0], position[:, 1]].cpu()
-    width = pool_input.shape[-1]
-    return torch.stack([flat // width, flat % width], dim=1)
+    maps, sizes = pool_input.detach(), pool_input.shape[-2:]
+    switches = []
+    for channel, image, at in zip(channels.tolist(), source.tolist(), position.tolist(), strict=True):
+        rows, cols = (
+            _taps(at[axis] * stride[axis] - padding[axis], kernel[axis], dilation[axis], sizes[axis]) for axis in (0, 1)
+        )
+        window = maps[image, channel, rows, cols]
+        _, index = F.max_pool2d(window[None, None], tuple(window.shape), return_indices=True)
+        row, col = divmod(int(index), window.shape[1])
+        switches.append((rows.start + row * dilation[0], cols.start + col * dilation[1]))
+    return torch.tensor(switches, dtype=torch.long).view(-1, 2)
+
+
+def _taps(start: int, kernel: int, dilation: int, size: int) -> slice:
+    """The taps of a pooling window starting at ``start`` (padding included) that lie inside ``[0, size)``."""
+    first = max(0, (dilation - 1 - start) // dilation)
+    last = min(kernel - 1, (size - 1 - start) // dilation)
+    return slice(start + first * dilation, start + last * dilation + 1, dilation)
 
 
 class _Running:

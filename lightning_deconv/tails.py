@@ -102,7 +102,7 @@ class Tail:
                 signal.contiguous(memory_format=layout), weight, None, module.stride, 0, 0, 1, module.dilation
             )
             start = start * torch.tensor(module.stride, device=device) - torch.tensor(module.padding, device=device)
-            signal = signal * _inside(start, signal.shape[-2:], shape[-2:]).to(signal.dtype)
+            signal = signal.masked_fill(~_inside(start, signal.shape[-2:], shape[-2:]), 0)
         entered = torch.zeros(entry, dtype=value.dtype, device=device)
         (height, width), (h, w) = entry[-2:], signal.shape[-2:]
         for i, (top, left) in enumerate(start.tolist()):

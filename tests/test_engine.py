@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_deconv import Projector, deconvolve, find_maxima, project, receptive_field
 from lightning_deconv.geometry import ReceptiveField, input_field
+from lightning_deconv.maxima import pooling_switches
 from lightning_deconv.paper.models import ZFNet
 
 
@@ -340,6 +341,31 @@ def test_find_maxima_records_the_pooling_switches(zf_net, probe):
             row, col = maxima.position[k, 0].tolist()
             flat = index[maxima.source[k, 0], channel, row, col].item()
             assert maxima.switch[k, 0].tolist() == [flat // inputs.shape[-1], flat % inputs.shape[-1]]
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),
+        nn.MaxPool2d((2, 3), stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
+        nn.MaxPool2d(2),
+    ],
+    ids=repr,
+)
+def test_pooling_switches_are_the_poolings_own_choice_at_every_position(pool):
+    """Every output position of every map, on maps with many ties (values rounded to a few levels) and
+    channels-last: the switch found on the window alone is the index the pooling itself returns."""
+    gen = torch.Generator().manual_seed(0)
+    maps = (torch.rand(2, 3, 11, 10, generator=gen) * 3).round().contiguous(memory_format=torch.channels_last)
+    _, index = F.max_pool2d(
+        maps, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, return_indices=True
+    )
+    image, channel, row, col = torch.meshgrid(*(torch.arange(n) for n in index.shape), indexing="ij")
+    image, channel, row, col = (t.flatten() for t in (image, channel, row, col))
+    got = pooling_switches(pool, maps, channel, image, torch.stack([row, col], dim=1))
+    flat = index[image, channel, row, col]
+    assert torch.equal(got, torch.stack([flat // maps.shape[-1], flat % maps.shape[-1]], dim=1))
 
 
 @pytest.mark.parametrize("layer", ["features.pool2", "features.relu4", "features.pool5"])
