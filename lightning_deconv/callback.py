@@ -52,7 +52,8 @@ class DeconvCallback(Scheduled, *callback_bases()):
         mode, rule, crop: how to project (see :class:`~lightning_deconv.watch.Watch`): the paper's single strongest
             activation, the deconvnet rule, cropped to its receptive field.
         show_patches: show the matching probe-image patch beside each projection.
-        seed, batch_size: seeds the probe draw and the feature choice; probe images per forward pass.
+        seed, batch_size: seeds the probe draw and the feature choice; at most this many probe images per
+            forward pass (see :class:`~lightning_deconv.watch.Watch`).
         watch: a :class:`~lightning_deconv.watch.Watch` to use instead of the arguments above (probe to
             ``crop``, ``seed``, ``batch_size`` and ``name``), e.g. to share it with a
             :class:`~lightning_deconv.monitors.TopKMonitor` given separately.
