@@ -155,7 +155,8 @@ def image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tenso
         ``value [K, N]`` (half precision lifted to float32) and its ``position [K, N, 2]`` (row, col).
     """
     n, c, h, w = activation.shape
-    check_channels(name, channels, c)
+    if not len(channels) or int(channels.min()) < 0 or int(channels.max()) >= c:  # every batch: kept cheap
+        check_channels(name, channels, c)
     channels, maps = channels.to(activation.device), activation.detach()
     if maps.is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous():
         # [N, H*W, C] is a view here: pick the channels from each pixel's row rather than gather strided maps.
