@@ -118,9 +118,8 @@ class Projector:
         self.input_size = tuple(int(s) for s in input_size)
         self.rule, self.mode, self.crop, self.batch_size = rule, mode, crop, batch_size
         modules, channels = resolve_features(self.model, layers)
-        self._structure = structure(self.model)
         self.layers: dict[str, LayerPlan]
-        self.layers, self.activations, self._image_bytes = plan_layers(
+        self.layers, self.activations, self._survey = plan_layers(
             self.model, modules, channels, self.input_size, rule=rule, mode=mode, crop=crop, windows=windows
         )
 
@@ -128,7 +127,7 @@ class Projector:
         """Whether this plan still fits ``model`` and images of ``input_size`` (same modules and shapes)."""
         return (
             uncompiled(model) is self.model
-            and structure(self.model) == self._structure
+            and structure(self.model) == self._survey.structure
             and tuple(input_size) == self.input_size
         )
 
@@ -162,7 +161,7 @@ class Projector:
         """How many of ``count`` images one forward pass of :meth:`maxima` takes: at most ``batch_size``, and on
         CPU as many as keep the largest map of the pass within :data:`~lightning_deconv.kernels.CPU_PASS_BYTES`
         (larger maps are page-faulted in afresh on every pass)."""
-        return per_pass(count, self._image_bytes, model_device(self.model), self.batch_size)
+        return per_pass(count, self._survey.image_bytes, model_device(self.model), self.batch_size)
 
     def project(
         self, images: Tensor, found: Mapping[str, TopK], state: Mapping[str, Tensor] | None = None
@@ -190,10 +189,10 @@ class Projector:
     def _window_bytes(self, layer: LayerPlan) -> int:
         """The most bytes one row's map takes in ``layer``'s projection passes: the image's, scaled to its window."""
         if layer.windows is None:
-            return self._image_bytes
+            return self._survey.image_bytes
         height, width = self.input_size[1:]
         top, left, bottom, right = layer.windows.windows(torch.zeros(1, 2), (height, width))[0].tolist()
-        return self._image_bytes * (bottom - top) * (right - left) // (height * width)
+        return self._survey.image_bytes * (bottom - top) * (right - left) // (height * width)
 
     def _check_images(self, images: Tensor) -> None:
         check_images(self.model, images)

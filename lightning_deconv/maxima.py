@@ -155,8 +155,7 @@ def image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tenso
         ``value [K, N]`` (half precision lifted to float32) and its ``position [K, N, 2]`` (row, col).
     """
     n, c, h, w = activation.shape
-    if not len(channels) or int(channels.min()) < 0 or int(channels.max()) >= c:  # every batch: kept cheap
-        check_channels(name, channels, c)
+    check_channels(name, channels, c)
     channels, maps = channels.to(activation.device), activation.detach()
     if maps.is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous():
         # [N, H*W, C] is a view here: pick the channels from each pixel's row rather than gather strided maps.
@@ -180,15 +179,19 @@ def pooling_switches(
         _pair(value) for value in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.dilation)
     )
     maps, sizes = pool_input.detach(), pool_input.shape[-2:]
-    switches = []
+    indices, corners = [], []
     for channel, image, at in zip(channels.tolist(), source.tolist(), position.tolist(), strict=True):
         rows, cols = (
             _taps(at[axis] * stride[axis] - padding[axis], kernel[axis], dilation[axis], sizes[axis]) for axis in (0, 1)
         )
         window = maps[image, channel, rows, cols]
-        _, index = F.max_pool2d(window[None, None], tuple(window.shape), return_indices=True)
-        row, col = divmod(int(index), window.shape[1])
-        switches.append((rows.start + row * dilation[0], cols.start + col * dilation[1]))
+        indices.append(F.max_pool2d(window[None, None], tuple(window.shape), return_indices=True)[1].flatten())
+        corners.append((rows.start, cols.start, window.shape[1]))
+    flat = torch.cat(indices).tolist() if indices else []  # one transfer from the device, not one per row
+    switches = [
+        (top + index // width * dilation[0], left + index % width * dilation[1])
+        for index, (top, left, width) in zip(flat, corners, strict=True)
+    ]
     return torch.tensor(switches, dtype=torch.long).view(-1, 2)
 
 

@@ -84,9 +84,9 @@ def plan_layers(
     mode: Mode,
     crop: Crop,
     windows: bool,
-) -> tuple[dict[str, LayerPlan], list[str], int]:
-    """The plan of every layer, the activations the model calls on the way to them, and the most bytes one
-    image's map takes at any module on that way.
+) -> tuple[dict[str, LayerPlan], list[str], Survey]:
+    """The plan of every layer, the activations the model calls on the way to them, and the model's
+    :class:`Survey` they were made from.
 
     Warns once for the layers projected on whole images (their traced field is not exact) and once for smooth
     activations the rule does not cover.
@@ -126,7 +126,7 @@ def plan_layers(
             tail=tails[name] if found.chains[name] else None,
             crop="support" if crop == "receptive_field" and not exact else crop,
         )
-    return plans, activations, found.image_bytes
+    return plans, activations, found
 
 
 @dataclass(frozen=True)
