@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_deconv.kernels import per_pass
-from lightning_deconv.layers import check_images, model_device, uncompiled
+from lightning_deconv.kernels import FastCPUOps, per_pass
+from lightning_deconv.layers import bound_forward, check_images, model_device, projection_state, uncompiled
 from lightning_deconv.maxima import TopK, find_maxima
 from lightning_deconv.plan import Crop, LayerPlan, Mode, Rule, plan_layers, structure
 from lightning_deconv.projection import Projection, project_rows
@@ -78,8 +78,8 @@ class Projector:
             their ``"support"``, or not at all (``"none"``).
         windows: project on receptive-field windows where exact (``False``: always whole images).
         batch_size: at most this many images per forward pass when searching the maxima, and rows per
-            projection pass (default: all at once on GPU; on CPU, passes are cut smaller where their largest
-            map would pass :data:`~lightning_deconv.kernels.CPU_PASS_BYTES`; see :meth:`images_per_pass`).
+            projection pass (default: all at once on GPU; on CPU, passes are cut smaller where the maps they
+            hold would pass :data:`~lightning_deconv.kernels.CPU_PASS_BYTES`; see :meth:`images_per_pass`).
 
     Raises:
         ValueError: unknown layer (nearest names listed), empty or out-of-range channels, a layer whose output
@@ -159,9 +159,9 @@ class Projector:
 
     def images_per_pass(self, count: int) -> int:
         """How many of ``count`` images one forward pass of :meth:`maxima` takes: at most ``batch_size``, and on
-        CPU as many as keep the largest map of the pass within :data:`~lightning_deconv.kernels.CPU_PASS_BYTES`
-        (larger maps are page-faulted in afresh on every pass)."""
-        return per_pass(count, self._survey.image_bytes, model_device(self.model), self.batch_size)
+        CPU as many as keep the maps alive at once (a module's input and output) within
+        :data:`~lightning_deconv.kernels.CPU_PASS_BYTES` (larger ones are page-faulted in afresh on every pass)."""
+        return per_pass(count, self._survey.pass_bytes, model_device(self.model), self.batch_size)
 
     def project(
         self, images: Tensor, found: Mapping[str, TopK], state: Mapping[str, Tensor] | None = None
@@ -177,22 +177,36 @@ class Projector:
         unknown = [name for name in found if name not in self.layers]
         if unknown:
             raise ValueError(f"Layers {unknown} are not in this plan; it has {list(self.layers)}.")
-        options = {"rule": self.rule, "mode": self.mode, "state": state}
+        device = model_device(self.model)
+        fast = FastCPUOps(device)  # one for every layer: each filter is laid out once
         projections = {}
-        for name, top in found.items():
-            layer = self.layers[name]
-            rows = per_pass(top.source.numel(), self._window_bytes(layer), model_device(self.model), self.batch_size)
-            projected = project_rows(self.model, layer, images, top, batch_size=rows, **options)
-            projections[name] = Projection.assemble(layer, projected, top, images)
+        with projection_state(self.model):
+            forward = bound_forward(self.model, state, float32=True)
+            for name, top in found.items():
+                layer = self.layers[name]
+                rows = per_pass(top.source.numel(), self._window_bytes(layer), device, self.batch_size)
+                projected = project_rows(
+                    self.model,
+                    layer,
+                    images,
+                    top,
+                    rule=self.rule,
+                    mode=self.mode,
+                    forward=forward,
+                    fast=fast,
+                    batch_size=rows,
+                )
+                projections[name] = Projection.assemble(layer, projected, top, images)
         return projections
 
     def _window_bytes(self, layer: LayerPlan) -> int:
-        """The most bytes one row's map takes in ``layer``'s projection passes: the image's, scaled to its window."""
+        """The bytes of maps one row keeps for its backward in ``layer``'s projection passes: the image's, scaled
+        to its window."""
         if layer.windows is None:
-            return self._survey.image_bytes
+            return self._survey.kept_bytes
         height, width = self.input_size[1:]
         top, left, bottom, right = layer.windows.windows(torch.zeros(1, 2), (height, width))[0].tolist()
-        return self._survey.image_bytes * (bottom - top) * (right - left) // (height * width)
+        return self._survey.kept_bytes * (bottom - top) * (right - left) // (height * width)
 
     def _check_images(self, images: Tensor) -> None:
         check_images(self.model, images)

@@ -28,19 +28,22 @@ __all__ = [
     "local_response_norm",
     "one_thread",
     "per_pass",
+    "plain_ops",
 ]
 
 
-# Largest map of one CPU pass. glibc's malloc keeps freed blocks below its mmap threshold (which it raises up
-# to 32 MiB as blocks are freed) for the next request; larger ones it maps fresh, and the kernel zero-fills
-# every page on first touch, on every pass. A 32-image ZFNet pass at 224 px spent a third of its time in
-# those page faults; in passes of 4 images it took none.
+# Most bytes of maps alive at once in one CPU pass. glibc's malloc keeps freed blocks below its mmap threshold
+# (which it raises up to 32 MiB as blocks are freed) for the next request, but gives the top of its heap back
+# when much of it lies free; what it maps or takes back afresh the kernel zero-fills page by page on first
+# touch, on every pass. ZFNet at 224 px: a 32-image pass spent a third of its time in those page faults. Passes
+# of 2 to 7 images took none alone, but between other work (the projections, the plain forward) those holding
+# more than about 24 MiB at once took thousands a call again; those within it none.
 CPU_PASS_BYTES = 24 * 2**20
 
 
 def per_pass(count: int, item_bytes: int, device: torch.device | str, most: int | None = None) -> int:
     """How many of ``count`` items (images, windows) to run per pass: at most ``most``; on CPU also as many as
-    keep a map of ``item_bytes`` per item within :data:`CPU_PASS_BYTES` (at least one)."""
+    keep ``item_bytes`` of maps per item within :data:`CPU_PASS_BYTES` (at least one)."""
     size = max(1, min(count, most or count))
     if torch.device(device).type == "cpu" and item_bytes > 0:
         size = min(size, max(1, CPU_PASS_BYTES // item_bytes))
@@ -195,10 +198,17 @@ class FastCPUOps(TorchFunctionMode):
             return local_response_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
-    def _conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # F.conv2d's names
+    def filters(self, weight: Tensor) -> Tensor:
+        """``weight`` detached, laid out as this pass's convolutions take it (on CPU channels-last, copied once
+        per instance)."""
+        if not self.enabled:
+            return weight.detach()
         if id(weight) not in self._filters:  # the weight is kept too, so that its id is not reused meanwhile
             self._filters[id(weight)] = (weight, weight.detach().contiguous(memory_format=torch.channels_last))
-        filters = self._filters[id(weight)][1]
+        return self._filters[id(weight)][1]
+
+    def _conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # F.conv2d's names
+        filters = self.filters(weight)
         if groups == 1 and weight.shape[1] <= 4 and not isinstance(padding, str):
             return FewChannelConv2d.apply(input, filters, bias, stride, padding, dilation)
         return F.conv2d(input, filters, bias, stride, padding, dilation, groups)
@@ -224,3 +234,14 @@ def one_thread(device: torch.device | str) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def plain_ops() -> Iterator[None]:
+    """While active, torch ops skip every ``TorchFunctionMode`` (:class:`FastCPUOps`, the projection rules).
+
+    For the bookkeeping a forward hook does between a pass's layers (maxima, switches): dozens of small ops, each
+    of which would otherwise make a round trip through the modes' Python handlers (half their time).
+    """
+    with torch._C.DisableTorchFunction():
+        yield

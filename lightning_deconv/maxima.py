@@ -9,10 +9,11 @@ runs it over a whole dataset. Both give a :class:`TopK` per layer, which the eng
 (:class:`~lightning_deconv.engine.Projector`) projects row by row.
 
 The search runs one forward pass per batch, stopped at the deepest layer, for all layers at once, and keeps
-per feature only a running top ``k``: the running ``[F, k]`` and the batch's ``[F, B]`` per-image maxima are
-merged and cut back to ``k`` inside the layer's forward hook, so memory is ``O(F * k)`` plus one batch. Where
-the images are kept, each chosen image is copied once, when it is chosen, and dropped when no top ``k`` holds
-it any more; the ``[F, k, C, H, W]`` tensor is laid out once, at the end.
+per feature only a running top ``k``: the layer's forward hook cuts the batch's ``[F, B]`` per-image maxima
+to the batch's own top ``k`` (with the pooling switches, while the pooling's input is alive), and those are
+merged into the running ``[F, k]`` after the batch (where images are kept) or every few batches, so memory is
+``O(F * k)`` plus one batch. Where the images are kept, each chosen image is copied once, when it is chosen,
+and dropped when no top ``k`` holds it any more; the ``[F, k, C, H, W]`` tensor is laid out once, at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from lightning_deconv.kernels import FastCPUOps, one_thread
+from lightning_deconv.kernels import FastCPUOps, one_thread, plain_ops
 from lightning_deconv.layers import bound_forward, check_images, eval_mode, run_until, uncompiled
 from lightning_deconv.probe import untouched_rng
 from lightning_deconv.selection import check_channels, resolve_features
@@ -174,25 +175,31 @@ def pooling_switches(
 ) -> Tensor:
     """``[K, 2]`` where in ``pool``'s input the maximum of each row (channel, image ``source`` of
     ``pool_input``, ``position`` in the output) came from, as ``pool`` itself picks it: the pooling runs again
-    on each row's window only (its taps inside the map, in the same order), not on whole maps."""
+    on each row's window only (its taps inside the map, in the same order), not on whole maps; the rows whose
+    windows have as many taps inside the map run as one batch."""
     kernel, stride, padding, dilation = (
         _pair(value) for value in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.dilation)
     )
     maps, sizes = pool_input.detach(), pool_input.shape[-2:]
-    indices, corners = [], []
-    for channel, image, at in zip(channels.tolist(), source.tolist(), position.tolist(), strict=True):
-        rows, cols = (
-            _taps(at[axis] * stride[axis] - padding[axis], kernel[axis], dilation[axis], sizes[axis]) for axis in (0, 1)
-        )
-        window = maps[image, channel, rows, cols]
-        indices.append(F.max_pool2d(window[None, None], tuple(window.shape), return_indices=True)[1].flatten())
-        corners.append((rows.start, cols.start, window.shape[1]))
-    flat = torch.cat(indices).tolist() if indices else []  # one transfer from the device, not one per row
-    switches = [
-        (top + index // width * dilation[0], left + index % width * dilation[1])
-        for index, (top, left, width) in zip(flat, corners, strict=True)
+    spans = [
+        [_taps(at[axis] * stride[axis] - padding[axis], kernel[axis], dilation[axis], sizes[axis]) for axis in (0, 1)]
+        for at in position.tolist()
     ]
-    return torch.tensor(switches, dtype=torch.long).view(-1, 2)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, (rows, cols) in enumerate(spans):
+        groups.setdefault(
+            (len(range(rows.start, rows.stop, rows.step)), len(range(cols.start, cols.stop, cols.step))), []
+        ).append(row)
+    switches = torch.empty(len(spans), 2, dtype=torch.long)
+    for (height, width), members in groups.items():
+        corner = torch.tensor([[spans[m][0].start, spans[m][1].start] for m in members])
+        taps = [corner[:, axis, None] + torch.arange(n) * dilation[axis] for axis, n in enumerate((height, width))]
+        at = [t.to(maps.device) for t in (source[members], channels[members], *taps)]
+        window = maps[at[0][:, None, None], at[1][:, None, None], at[2][:, :, None], at[3][:, None, :]]
+        index = F.max_pool2d(window[:, None], (height, width), return_indices=True)[1].flatten().cpu()
+        steps = torch.tensor(dilation)
+        switches[members] = corner + torch.stack([index // width, index % width], dim=1) * steps
+    return switches
 
 
 def _taps(start: int, kernel: int, dilation: int, size: int) -> slice:
@@ -203,66 +210,90 @@ def _taps(start: int, kernel: int, dilation: int, size: int) -> slice:
 
 
 class _Running:
-    """The running top k of every layer, updated in the layers' forward hooks, one batch at a time."""
+    """The running top k of every layer. Each layer's forward hook takes the batch's own top k (and its pooling
+    switches, while the pooling's input is alive); those are merged into the running top k after the batch
+    where images are kept (so that the images no top k holds any more can be dropped), else every
+    :data:`_MERGE_EVERY` batches and at the end: a few merges of many columns, not one per batch and layer."""
 
     def __init__(
         self, modules: dict[str, nn.Module], channels: dict[str, Tensor], k: int, keep: bool, summaries: bool
     ) -> None:
         self.modules, self.channels, self.k, self.keep, self.summaries = modules, channels, k, keep, summaries
         self.best: dict[str, TopK] = {}
+        self.pending: dict[str, list[TopK]] = {name: [] for name in modules}  # batches' own top k, not merged yet
+        self.values: dict[str, Tensor] = {}  # the running top k's values alone, kept up to date in the hooks
         self.seen = 0
         self.batch: Tensor | None = None  # the images of the batch being scanned, as the data gave them
         self.kept: dict[int, Tensor] = {}  # with ``keep``: a copy of each image some running top k holds, by source
         self.peaks: dict[str, list[Tensor]] = {name: [] for name in modules}
         self.flat: dict[str, list[Tensor]] = {name: [] for name in modules}
 
-    def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> TopK:
-        with one_thread(activation.device):  # small maps: see kernels.one_thread
-            return self._update(name, activation, layer_input)
+    def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> None:
+        with one_thread(activation.device), plain_ops():  # small maps and small ops: see kernels
+            self.pending[name].append(self._batch_best(name, activation, layer_input))
 
-    def _update(self, name: str, activation: Tensor, layer_input: Tensor | None) -> TopK:
+    def _batch_best(self, name: str, activation: Tensor, layer_input: Tensor | None) -> TopK:
         if self.summaries:  # here, before a later in-place op can change the output
             self.peaks[name].append(activation.amax(dim=(0, 2, 3)).float().cpu())
             self.flat[name].append(activation.flatten(1).double().cpu())
         channels = self.channels[name]
         value, position = image_maxima(name, activation, channels)  # [F, B], [F, B, 2]
         f, b = value.shape
-        pooled = isinstance(self.modules[name], nn.MaxPool2d) and isinstance(layer_input, Tensor)
-        pooled = pooled and layer_input.dim() == 4
-        new = TopK(
-            channels,
-            value,
-            torch.arange(self.seen, self.seen + b).expand(f, b),
-            position,
-            tuple(activation.shape[-2:]),
-            torch.zeros(f, b, 2, dtype=torch.long) if pooled else None,
-        )
-        previous = self.best.get(name)
-        kept = 0 if previous is None else previous.k
-        candidates = new if previous is None else TopK.side_by_side([replace(previous, images=None), new])
-        # The candidates' sources are distinct and ascending among equal values (the running best, then this
-        # batch's later images), so a stable sort by value alone ranks them as _best does.
-        order = candidates.value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
-        best = candidates.columns(order)
-        fresh = order >= kept  # columns that come from this batch
-        rows = torch.arange(f).unsqueeze(1).expand_as(order)
-        if pooled and fresh.any():
-            # Switches of this batch's winners only, while the pooling's input is still alive.
-            best.switch[fresh] = pooling_switches(
-                self.modules[name], layer_input, channels[rows[fresh]], order[fresh] - kept, best.position[fresh]
-            )
-        if self.keep:  # a copy of each newly chosen image, once (so that the batch itself is not held)
-            for source in best.source[fresh].unique().tolist():
-                if source not in self.kept:
-                    self.kept[source] = self.batch[source - self.seen].clone()
+        # A stable sort by value alone ranks the batch's images as _best does: their sources ascend.
+        order = value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
+        source = torch.arange(self.seen, self.seen + b).expand(f, b)
+        best = TopK(channels, value, source, position, tuple(activation.shape[-2:])).columns(order)
+        # A candidate no better than the k-th best of the earlier images can never enter the top k (ties go to
+        # the earlier image): its switch is never needed.
+        contender = ~(best.value <= self._bar(name, best.value))
+        pool = self.modules[name]
+        if isinstance(pool, nn.MaxPool2d) and isinstance(layer_input, Tensor) and layer_input.dim() == 4:
+            switch = torch.zeros(*order.shape, 2, dtype=torch.long)
+            if contender.any():
+                rows = channels[:, None].expand_as(order)[contender]
+                switch[contender] = pooling_switches(
+                    pool, layer_input, rows, order[contender], best.position[contender]
+                )
+            best = replace(best, switch=switch)
         return best
 
-    def forget(self) -> None:
-        """Drop the kept images no running top k holds any more (after each batch)."""
+    def _bar(self, name: str, value: Tensor) -> Tensor:
+        """``[F, 1]`` the k-th best value of each feature before this batch (``-inf`` while fewer than k images
+        were seen); then takes in the batch's own top k ``value``."""
+        earlier = self.values.get(name)
+        known = value if earlier is None else torch.cat([earlier, value], dim=1)
+        self.values[name] = known.topk(min(self.k, known.shape[1]), dim=1).values
+        if earlier is None or earlier.shape[1] < self.k:
+            return torch.full((len(value), 1), -torch.inf, dtype=value.dtype)
+        return earlier[:, -1:]
+
+    def after_batch(self) -> None:
+        """Count the batch; where images are kept, merge now, copy each newly chosen image once (so that the batch
+        itself is not held) and drop the images no running top k holds any more."""
+        first, self.seen = self.seen, self.seen + len(self.batch)
+        if not self.keep:
+            if len(next(iter(self.pending.values()))) >= _MERGE_EVERY:
+                self._merge()
+            return
+        self._merge()
         held = set(torch.cat([top.source.flatten() for top in self.best.values()]).tolist())
+        for source in held - self.kept.keys():
+            self.kept[source] = self.batch[source - first].clone()
         self.kept = {source: image for source, image in self.kept.items() if source in held}
 
+    def _merge(self) -> None:
+        for name, parts in self.pending.items():
+            if parts:
+                previous = [self.best[name]] if name in self.best else []
+                # The candidates' sources ascend among equal values (the running best, then each batch's own in
+                # order), so a stable sort by value alone ranks them as _best does.
+                candidates = TopK.side_by_side(previous + parts)
+                order = candidates.value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
+                self.best[name] = candidates.columns(order)
+                parts.clear()
+
     def result(self) -> dict[str, TopK]:
+        self._merge()
         found = {}
         for name, top in self.best.items():
             if self.keep:
@@ -273,6 +304,9 @@ class _Running:
                 top = replace(top, peaks=torch.stack(self.peaks[name]).amax(dim=0), gram=x @ x.T)
             found[name] = top
         return found
+
+
+_MERGE_EVERY = 16  # batches whose own top k wait to be merged, at most (without kept images)
 
 
 @torch.no_grad()
@@ -309,9 +343,8 @@ def scan(
             x = batch if reference is None else batch.to(reference.device, reference.dtype)
             running.batch = batch
             with fast:
-                running.best = run_until(forward, fast.prepare(x), modules, running)
-            running.seen += len(batch)
-            running.forget()
+                run_until(forward, fast.prepare(x), modules, running)
+            running.after_batch()
     if not running.seen:
         raise ValueError("The data holds no images: give at least one.")
     return running.result()

@@ -143,7 +143,10 @@ class Survey:
         chains: per layer, whether the model runs the layer's plain tail as one chain (``False`` if none).
         channels: per layer, the channels of its map.
         rectifiers, smooth: the activations the model calls on the way (display names).
-        image_bytes: the most bytes one image's map takes at any module on the way to the deepest layer.
+        pass_bytes: per image, the most bytes of maps alive at once at any module on the way to the deepest
+            layer: its input and its output (one map where it works in place).
+        kept_bytes: per image, the bytes of every map the modules on the way make (what a pass that keeps them
+            for its backward holds).
     """
 
     structure: tuple
@@ -153,7 +156,8 @@ class Survey:
     channels: dict[str, int]
     rectifiers: frozenset[str]
     smooth: frozenset[str]
-    image_bytes: int
+    pass_bytes: int
+    kept_bytes: int
 
 
 # Surveys by model, then by what they were asked; a model's entry goes with the model.
@@ -208,7 +212,7 @@ def _survey(
     try:
         # One image and a few windows: small maps, run on one thread (see kernels.one_thread).
         with projection_state(model), torch.no_grad(), kernels.one_thread(image.device), fast, activations:
-            with tracing(model, image) as tracer, recording_links(linked) as links, _largest_map(model) as largest:
+            with tracing(model, image) as tracer, recording_links(linked) as links, _map_bytes(model) as sizes:
 
                 def capture(name: str, output: Tensor, layer_input: Tensor) -> tuple:
                     map_ = layer_input if starts[name] else output
@@ -234,22 +238,33 @@ def _survey(
         channels={name: int(map_.shape[1]) for name, (_, map_) in whole.items()},
         rectifiers=frozenset(activations.rectifiers),
         smooth=frozenset(activations.smooth),
-        image_bytes=largest[0],
+        pass_bytes=sizes["at_once"],
+        kept_bytes=sizes["kept"],
     )
 
 
 @contextlib.contextmanager
-def _largest_map(model: nn.Module) -> Iterator[list[int]]:
-    """While active, ``[bytes]``: the largest tensor output of any of the model's leaf modules so far."""
-    largest = [0]
+def _map_bytes(model: nn.Module) -> Iterator[dict[str, int]]:
+    """While active, ``{"at_once": bytes, "kept": bytes}`` of the leaf modules' maps so far: the most alive at once
+    at one module (its first input and its output, one map where it works in place), and all the new maps."""
+    sizes = {"at_once": 0, "kept": 0}
+    made: set[int] = set()
 
     def record(module: nn.Module, inputs: tuple, output: object) -> None:
-        if isinstance(output, Tensor):
-            largest[0] = max(largest[0], output.numel() * output.element_size())
+        if not isinstance(output, Tensor):
+            return
+        size = output.numel() * output.element_size()
+        if output.untyped_storage().data_ptr() not in made:
+            made.add(output.untyped_storage().data_ptr())
+            sizes["kept"] += size
+        first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        if first is not None and first.untyped_storage().data_ptr() != output.untyped_storage().data_ptr():
+            size += first.numel() * first.element_size()
+        sizes["at_once"] = max(sizes["at_once"], size)
 
     handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     try:
-        yield largest
+        yield sizes
     finally:
         for handle in handles:
             handle.remove()

@@ -15,21 +15,15 @@ on CPU with the equal, faster ops of :mod:`lightning_deconv.kernels`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_deconv import kernels
-from lightning_deconv.layers import (
-    bound_forward,
-    model_device,
-    named_layers,
-    projection_state,
-    run_until,
-    working_dtype,
-)
+from lightning_deconv.layers import model_device, run_until, working_dtype
 from lightning_deconv.maxima import TopK
 from lightning_deconv.plan import LayerPlan, Mode, Rule
 from lightning_deconv.render import crop, support_boxes
@@ -112,12 +106,18 @@ def project_rows(
     *,
     rule: Rule,
     mode: Mode,
+    forward: Callable[[Tensor], Any],
+    fast: kernels.FastCPUOps,
     batch_size: int | None = None,
-    state: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """``[F * k, C, H, W]`` projections of the rows of ``found`` (row ``f * k + j``: channel
     ``found.channels[f]`` in image ``images[found.source[f, j]]``), every other activation of the layer zeroed,
-    on windows where ``plan`` allows."""
+    on windows where ``plan`` allows.
+
+    Runs under :func:`~lightning_deconv.layers.projection_state` (the caller's, once for all its layers), with
+    ``forward`` the model's (:func:`~lightning_deconv.layers.bound_forward`) and ``fast`` the caller's CPU ops,
+    which lay each filter out once for all layers.
+    """
     module = {plan.name: plan.module}
     device = model_device(model)
     channels = found.channels.repeat_interleave(found.k)
@@ -137,25 +137,22 @@ def project_rows(
     else:
         boxes = torch.tensor([[0, 0, height, width]]).expand(k, -1)
     tail = plan.tail
-    stop = module if tail is None else {tail.before: named_layers(model)[tail.before]}
-    with projection_state(model):
-        forward = bound_forward(model, state, float32=True)
-        fast = kernels.FastCPUOps(device)  # one for all batches: it lays the filters out once
-        out = torch.zeros(k, images.shape[1], height, width, device=device)
-        for rows in _batches(boxes, batch_size or k):
-            box = boxes[rows]
-            x = crop(images.detach(), box, sources=source[rows]).to(device, working_dtype(model))
-            x = fast.prepare(x).requires_grad_(True)
-            seed_at = position[rows] - box[:, :2] // torch.tensor(field.stride) if field else position[rows]
-            with fast, relu_rule(rule):
-                (activation,) = run_until(forward, x, stop, _activation, at_input and tail is None).values()
-            if tail is None:
-                seed = _seed(activation, channels[rows], seed_at, mode)
-            else:  # no forward past the stretch: the seed is the maximum's value, sent down by hand
-                seed = tail.down(value[rows].to(activation), channels[rows], seed_at, activation.shape)
-            (grad,) = torch.autograd.grad(activation, x, grad_outputs=seed)
-            for row, (top, left, bottom, right), window in zip(rows.tolist(), box.tolist(), grad, strict=True):
-                out[row, :, top:bottom, left:right] = window.detach()
+    stop = module if tail is None else {tail.before: tail.entry}
+    out = torch.zeros(k, images.shape[1], height, width, device=device)
+    for rows in _batches(boxes, batch_size or k):
+        box = boxes[rows]
+        x = crop(images.detach(), box, sources=source[rows]).to(device, working_dtype(model))
+        x = fast.prepare(x).requires_grad_(True)
+        seed_at = position[rows] - box[:, :2] // torch.tensor(field.stride) if field else position[rows]
+        with fast, relu_rule(rule):
+            (activation,) = run_until(forward, x, stop, _activation, at_input and tail is None).values()
+        if tail is None:
+            seed = _seed(activation, channels[rows], seed_at, mode)
+        else:  # no forward past the stretch: the seed is the maximum's value, sent down by hand
+            seed = tail.down(value[rows].to(activation), channels[rows], seed_at, activation.shape, fast.filters)
+        (grad,) = torch.autograd.grad(activation, x, grad_outputs=seed)
+        for row, (top, left, bottom, right), window in zip(rows.tolist(), box.tolist(), grad, strict=True):
+            out[row, :, top:bottom, left:right] = window.detach()
     return out
 
 

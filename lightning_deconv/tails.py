@@ -13,7 +13,7 @@ model runs the stretch as one chain (each module fed exactly the previous one's 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -78,10 +78,18 @@ class Tail:
                 shapes.append(shapes[-1])
         return shapes
 
-    def down(self, value: Tensor, channels: Tensor, position: Tensor, entry: torch.Size) -> Tensor:
+    def down(
+        self,
+        value: Tensor,
+        channels: Tensor,
+        position: Tensor,
+        entry: torch.Size,
+        filters: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
         """The deconvnet's backward pass of the stretch, one unit per row: row ``i`` seeded with ``value[i]`` at
         channel ``channels[i]``, ``position[i]`` (row, col) of the stretch's end, sent down to its entry
-        (``[K, C, H, W]`` of shape ``entry``).
+        (``[K, C, H, W]`` of shape ``entry``). ``filters`` gives each convolution's weight as the pass lays it out
+        (e.g. :meth:`~lightning_deconv.kernels.FastCPUOps.filters`, which copies it once per pass).
 
         Each row runs on its unit's support only: one pixel at the end, widened by each transposed filter (run
         without padding, so nothing is cut) and then kept inside that map's borders, which is what the padded
@@ -97,18 +105,22 @@ class Tail:
             if isinstance(module, nn.ReLU):
                 signal = signal.clamp(min=0)  # rectify the signal itself
                 continue
-            weight = module.weight.detach().to(signal.dtype).contiguous(memory_format=layout)
+            weight = filters(module.weight) if filters else module.weight.detach().contiguous(memory_format=layout)
+            weight = weight.to(signal.dtype)
             signal = F.conv_transpose2d(
                 signal.contiguous(memory_format=layout), weight, None, module.stride, 0, 0, 1, module.dilation
             )
             start = start * torch.tensor(module.stride, device=device) - torch.tensor(module.padding, device=device)
             signal = signal.masked_fill(~_inside(start, signal.shape[-2:], shape[-2:]), 0)
-        entered = torch.zeros(entry, dtype=value.dtype, device=device)
+        # Paste each row's support at its place, on a canvas wide enough that every support fits whole (what
+        # lies outside the map is zero already), laid out as ``layout``: [K, H, W, C] is channels-last.
         (height, width), (h, w) = entry[-2:], signal.shape[-2:]
-        for i, (top, left) in enumerate(start.tolist()):
-            y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + h, height), min(left + w, width)
-            if y0 < y1 and x0 < x1:
-                entered[i, :, y0:y1, x0:x1] = signal[i, :, y0 - top : y1 - top, x0 - left : x1 - left]
+        n, c = entry[:2]
+        canvas = torch.zeros(n, height + 2 * h, width + 2 * w, c, dtype=value.dtype, device=device)
+        ys = (start[:, 0, None] + h + torch.arange(h, device=device))[:, :, None]
+        xs = (start[:, 1, None] + w + torch.arange(w, device=device))[:, None, :]
+        canvas[rows[:, None, None], ys, xs] = signal.permute(0, 2, 3, 1)
+        entered = canvas[:, h : h + height, w : w + width].permute(0, 3, 1, 2)
         return entered.contiguous(memory_format=layout)
 
 

@@ -53,8 +53,8 @@ class Watch:
             "randomly chosen subset").
         features: explicit ``{layer: [channels]}``; overrides ``layers`` and ``features_per_layer``.
         seed: seeds the probe draw and the feature choice.
-        batch_size: at most this many probe images per forward pass (on CPU passes are cut smaller where their
-            largest map would pass 24 MiB: see :meth:`~lightning_deconv.engine.Projector.images_per_pass`).
+        batch_size: at most this many probe images per forward pass (on CPU passes are cut smaller where the maps
+            they hold at once would pass 24 MiB: see :meth:`~lightning_deconv.engine.Projector.images_per_pass`).
         mode: ``"max"`` (the single strongest activation, the paper) or ``"map"`` (its whole map).
         rule: ``"deconvnet"``, ``"guided"`` or ``"gradient"``.
         crop: cut each projection to its activation's ``"receptive_field"``, to the projections'

@@ -145,7 +145,10 @@ def captum_loop(model: torch.nn.Module, probe: torch.Tensor, maxima: dict) -> Ca
 
 def public_call(model, probe, features, repeats, device, amp) -> dict:
     """``deconvolve(model, probe, {layer: channels})`` against the plain forward and Captum's loop."""
-    for module in model.modules():  # Captum's backward hooks cannot follow in-place ReLUs
+    # The call and the forwards run the model as built (in-place ReLUs, as ZFNet, AlexNet, VGG and ResNet have
+    # them); Captum runs a copy without, as it must: its backward hooks cannot follow in-place ReLUs.
+    for_captum = copy.deepcopy(model)
+    for module in for_captum.modules():
         if isinstance(module, torch.nn.ReLU):
             module.inplace = False
     wanted = zfnet_features(model, features)
@@ -156,7 +159,7 @@ def public_call(model, probe, features, repeats, device, amp) -> dict:
     with eval_mode(model):
         maxima = find_maxima(model, probe, wanted)
     ours = deconvolve(model, probe, wanted)
-    theirs = captum_loop(model, probe, maxima)()
+    theirs = captum_loop(for_captum, probe, maxima)()
     errors = []
     for layer in layers:
         want = theirs[layer] * maxima[layer].value.view(-1, 1, 1, 1).cpu()
@@ -175,9 +178,9 @@ def public_call(model, probe, features, repeats, device, amp) -> dict:
         "forward_cut": lambda: [run() for run in cut],
         "deconvolve": lambda: deconvolve(model, probe, wanted),
         "deconvolve_first": cold_call,
-        "captum": captum_loop(model, probe, maxima),
+        "captum": captum_loop(for_captum, probe, maxima),
         "deconvolve_single": lambda: deconvolve(model, probe, {single: wanted[single]}),
-        "captum_single": captum_loop(model, probe, {single: maxima[single]}),
+        "captum_single": captum_loop(for_captum, probe, {single: maxima[single]}),
     }
     t = timed(fns, repeats, device)
     forwards = ("forward_as_is", "forward_channels_last", "forward_cut")

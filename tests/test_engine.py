@@ -14,7 +14,7 @@ from helpers import randomise_bn, rel_err, zf_shaped
 from reference import explicit_deconvnet, strongest, swapped_relu_projection
 from torch import nn
 
-from lightning_deconv import Projector, deconvolve, find_maxima, project, receptive_field
+from lightning_deconv import Projector, deconvolve, find_maxima, kernels, project, receptive_field
 from lightning_deconv.geometry import ReceptiveField, input_field
 from lightning_deconv.maxima import pooling_switches
 from lightning_deconv.paper.models import ZFNet
@@ -170,6 +170,23 @@ def test_batched_and_stops_at_layer(zf_net, probe):
     assert batches[0] == len(probe)  # one pass to find the maxima
     assert sum(batches[1:]) == 4 and len(batches) <= 1 + 4  # each row projected once, rows of one window batched
     assert later_calls == []  # nothing past the layer ran, plan-time checks included
+
+
+def test_cpu_projection_passes_are_cut_to_what_their_rows_keep(zf_net, probe, monkeypatch):
+    """On CPU a projection pass takes as many rows as keep the maps their backward needs within CPU_PASS_BYTES
+    (each row's window's share of every map the forward makes), and gives what one pass gives."""
+    layers = {"5": [0, 1, 2, 3, 4], "12": [0, 1, 2]}
+    plan = Projector(zf_net, layers, input_size=probe.shape[1:])
+    found = plan.maxima(probe)
+    whole = plan.project(probe, found)
+    row = plan._window_bytes(plan.layers["5"])
+    assert 0 < row < plan._survey.kept_bytes  # a window's share of the image's
+    monkeypatch.setattr(kernels, "CPU_PASS_BYTES", 2 * row + 1)
+    passes = []
+    zf_net[0].register_forward_hook(lambda m, i, o: passes.append(len(i[0])))
+    cut = plan.project(probe, {"5": found["5"]})
+    assert passes == [2, 2, 1]
+    assert torch.allclose(cut["5"].images, whole["5"].images, rtol=1e-5, atol=1e-7)
 
 
 def test_find_maxima_one_pass_for_all_layers(zf_net, probe):

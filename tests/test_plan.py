@@ -266,13 +266,17 @@ def test_the_survey_is_kept_with_the_model_while_its_structure_stays():
     assert alive() is None
 
 
-def test_cpu_passes_are_cut_to_keep_their_largest_map_small():
-    """On CPU the maxima pass runs as many images at once as keep its largest map within CPU_PASS_BYTES (larger
-    maps are page-faulted in afresh on every pass), and finds what one pass over all images finds."""
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cpu_passes_are_cut_to_keep_the_maps_alive_at_once_small(inplace):
+    """On CPU the maxima pass runs as many images at once as keep the maps alive at once (a module's input and
+    output, one map where it works in place) within CPU_PASS_BYTES (more are page-faulted in afresh on every
+    pass), and finds what one pass over all images finds."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 8, 3)).double()
+    relu = nn.ReLU(inplace=inplace)
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), relu, nn.MaxPool2d(2), nn.Conv2d(64, 8, 3)).double()
     images = torch.randn(10, 3, 96, 96, dtype=torch.float64)
-    per_image = 64 * 96 * 96 * 8  # the first conv's map, float64
+    conv, pooled = 64 * 96 * 96 * 8, 64 * 48 * 48 * 8  # the first conv's map and the pooled one, float64
+    per_image = conv + pooled if inplace else 2 * conv  # the pooling's input and output; the ReLU's
     plan = Projector(net, {"2": [0, 5, 9], "3": [1, 7]}, input_size=images.shape[1:])
     assert plan.images_per_pass(10) == CPU_PASS_BYTES // per_image < 10
     assert Projector(net, {"3": [1]}, input_size=images.shape[1:], batch_size=2).images_per_pass(10) == 2
