@@ -18,6 +18,7 @@ and dropped when no top ``k`` holds it any more; the ``[F, k, C, H, W]`` tensor 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -221,7 +222,7 @@ class _Running:
         self.modules, self.channels, self.k, self.keep, self.summaries = modules, channels, k, keep, summaries
         self.best: dict[str, TopK] = {}
         self.pending: dict[str, list[TopK]] = {name: [] for name in modules}  # batches' own top k, not merged yet
-        self.values: dict[str, Tensor] = {}  # the running top k's values alone, kept up to date in the hooks
+        self.values: dict[str, Tensor] = {}  # pooling layers: the running top k's values alone, from the hooks
         self.seen = 0
         self.batch: Tensor | None = None  # the images of the batch being scanned, as the data gave them
         self.kept: dict[int, Tensor] = {}  # with ``keep``: a copy of each image some running top k holds, by source
@@ -229,7 +230,9 @@ class _Running:
         self.flat: dict[str, list[Tensor]] = {name: [] for name in modules}
 
     def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> None:
-        with one_thread(activation.device), plain_ops():  # small maps and small ops: see kernels
+        # Small ops (kernels.plain_ops); one thread on small maps (kernels.one_thread), every thread on large ones.
+        threads = one_thread(activation.device) if activation.numel() < _SMALL_MAP else contextlib.nullcontext()
+        with threads, plain_ops():
             self.pending[name].append(self._batch_best(name, activation, layer_input))
 
     def _batch_best(self, name: str, activation: Tensor, layer_input: Tensor | None) -> TopK:
@@ -243,11 +246,11 @@ class _Running:
         order = value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
         source = torch.arange(self.seen, self.seen + b).expand(f, b)
         best = TopK(channels, value, source, position, tuple(activation.shape[-2:])).columns(order)
-        # A candidate no better than the k-th best of the earlier images can never enter the top k (ties go to
-        # the earlier image): its switch is never needed.
-        contender = ~(best.value <= self._bar(name, best.value))
         pool = self.modules[name]
         if isinstance(pool, nn.MaxPool2d) and isinstance(layer_input, Tensor) and layer_input.dim() == 4:
+            # A candidate no better than the k-th best of the earlier images can never enter the top k (ties go
+            # to the earlier image): its switch is never needed.
+            contender = ~(best.value <= self._bar(name, best.value))
             switch = torch.zeros(*order.shape, 2, dtype=torch.long)
             if contender.any():
                 rows = channels[:, None].expand_as(order)[contender]
@@ -306,6 +309,7 @@ class _Running:
         return found
 
 
+_SMALL_MAP = 2**19  # values of a batch's map, below which its bookkeeping runs on one thread
 _MERGE_EVERY = 16  # batches whose own top k wait to be merged, at most (without kept images)
 
 

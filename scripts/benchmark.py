@@ -5,11 +5,13 @@ median and the spread (min..max) are reported, always as ratios against a baseli
 run. Prints a Markdown table and writes JSON with the torch version, thread count and device.
 
 1. The public call vs the limit: ``deconvolve(model, probe, {5 layers: --features channels})`` on the
-   full-size ZFNet at 224x224 (random weights), conv1..conv5. The unavoidable work is one plain forward of
-   the probe to the deepest layer (the faster of NCHW and channels-last is the limit). The call builds its
+   full-size ZFNet at 224x224 (random weights, its ReLUs in place as built; ``--relu-not-in-place`` as Captum
+   needs them), conv1..conv5. The unavoidable work is one plain forward of the probe to the deepest layer (the
+   fastest of NCHW, channels-last and channels-last in the plan's passes is the limit). The call builds its
    plan (geometry, the windows check), finds every maximum and projects them all.
 2. Beyond the forward vs Captum: the call's cost beyond that forward against
-   ``captum.attr.NeuronDeconvolution``, one ``attribute`` call per feature on the image holding its maximum
+   ``captum.attr.NeuronDeconvolution`` (on a copy of the model with its ReLUs out of place, as Captum's
+   backward hooks need), one ``attribute`` call per feature on the image holding its maximum
    (outputs checked equal up to the seed's scale); and one single-layer call vs Captum for that layer. Both
    ratios are also given round by round (each round against its own fastest forward) with the worst round,
    since a target met only in the median is not met in every run.
@@ -299,6 +301,11 @@ def main() -> None:
     parser.add_argument("--skip-demo", action="store_true", help="skip the demo training runs (part 3)")
     parser.add_argument("--only-demo", action="store_true", help="only the demo training runs (part 3)")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument(
+        "--relu-not-in-place",
+        action="store_true",
+        help="run every ReLU out of place, for the call and the forwards too (Captum always runs a copy so)",
+    )
     parser.add_argument("--output", default="runs/benchmark.json")
     args = parser.parse_args()
     if args.threads:
@@ -306,6 +313,9 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = ZFNet(num_classes=1000).to(device).eval()
+    for module in model.modules() if args.relu_not_in_place else ():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
     probe = torch.randn(args.probe, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     report: dict = {
         "machine": {
