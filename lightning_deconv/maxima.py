@@ -230,17 +230,21 @@ class _Running:
         self.flat: dict[str, list[Tensor]] = {name: [] for name in modules}
 
     def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> None:
-        # Small ops (kernels.plain_ops); one thread on small maps (kernels.one_thread), every thread on large ones.
-        threads = one_thread(activation.device) if activation.numel() < _SMALL_MAP else contextlib.nullcontext()
-        with threads, plain_ops():
-            self.pending[name].append(self._batch_best(name, activation, layer_input))
+        # Small ops (kernels.plain_ops), on one thread (kernels.one_thread) but for the passes over a large map.
+        device = activation.device
+        with plain_ops():
+            with one_thread(device) if activation.numel() < _SMALL_MAP else contextlib.nullcontext():
+                if self.summaries:  # here, before a later in-place op can change the output
+                    self.peaks[name].append(activation.amax(dim=(0, 2, 3)).float().cpu())
+                    self.flat[name].append(activation.flatten(1).double().cpu())
+                value, position = image_maxima(name, activation, self.channels[name])  # [F, B], [F, B, 2]
+            with one_thread(device):
+                self.pending[name].append(self._batch_best(name, value, position, activation, layer_input))
 
-    def _batch_best(self, name: str, activation: Tensor, layer_input: Tensor | None) -> TopK:
-        if self.summaries:  # here, before a later in-place op can change the output
-            self.peaks[name].append(activation.amax(dim=(0, 2, 3)).float().cpu())
-            self.flat[name].append(activation.flatten(1).double().cpu())
+    def _batch_best(
+        self, name: str, value: Tensor, position: Tensor, activation: Tensor, layer_input: Tensor | None
+    ) -> TopK:
         channels = self.channels[name]
-        value, position = image_maxima(name, activation, channels)  # [F, B], [F, B, 2]
         f, b = value.shape
         # A stable sort by value alone ranks the batch's images as _best does: their sources ascend.
         order = value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
@@ -278,13 +282,18 @@ class _Running:
             if len(next(iter(self.pending.values()))) >= _MERGE_EVERY:
                 self._merge()
             return
-        self._merge()
-        held = set(torch.cat([top.source.flatten() for top in self.best.values()]).tolist())
-        for source in held - self.kept.keys():
-            self.kept[source] = self.batch[source - first].clone()
+        with one_thread(self.batch.device):  # small ops: see kernels.one_thread
+            self._merge()
+            held = set(torch.cat([top.source.flatten() for top in self.best.values()]).tolist())
+            for source in held - self.kept.keys():
+                self.kept[source] = self.batch[source - first].clone()
         self.kept = {source: image for source, image in self.kept.items() if source in held}
 
     def _merge(self) -> None:
+        with one_thread(next(iter(self.channels.values())).device):  # small ops: see kernels.one_thread
+            self._merge_parts()
+
+    def _merge_parts(self) -> None:
         for name, parts in self.pending.items():
             if parts:
                 previous = [self.best[name]] if name in self.best else []
