@@ -282,27 +282,25 @@ class _Running:
             if len(next(iter(self.pending.values()))) >= _MERGE_EVERY:
                 self._merge()
             return
-        with one_thread(self.batch.device):  # small ops: see kernels.one_thread
-            self._merge()
-            held = set(torch.cat([top.source.flatten() for top in self.best.values()]).tolist())
-            for source in held - self.kept.keys():
-                self.kept[source] = self.batch[source - first].clone()
+        self._merge()
+        held = set(torch.cat([top.source.flatten() for top in self.best.values()]).tolist())
+        for source in held - self.kept.keys():
+            self.kept[source] = self.batch[source - first].clone()
         self.kept = {source: image for source, image in self.kept.items() if source in held}
 
     def _merge(self) -> None:
-        with one_thread(next(iter(self.channels.values())).device):  # small ops: see kernels.one_thread
-            self._merge_parts()
-
-    def _merge_parts(self) -> None:
-        for name, parts in self.pending.items():
-            if parts:
-                previous = [self.best[name]] if name in self.best else []
-                # The candidates' sources ascend among equal values (the running best, then each batch's own in
-                # order), so a stable sort by value alone ranks them as _best does.
-                candidates = TopK.side_by_side(previous + parts)
-                order = candidates.value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
-                self.best[name] = candidates.columns(order)
-                parts.clear()
+        """Merge the batches' own top k into the running top k (on the CPU, on one thread: small ops, see
+        kernels.one_thread)."""
+        with one_thread("cpu"):
+            for name, parts in self.pending.items():
+                if parts:
+                    previous = [self.best[name]] if name in self.best else []
+                    # The candidates' sources ascend among equal values (the running best, then each batch's own
+                    # in order), so a stable sort by value alone ranks them as _best does.
+                    candidates = TopK.side_by_side(previous + parts)
+                    order = candidates.value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
+                    self.best[name] = candidates.columns(order)
+                    parts.clear()
 
     def result(self) -> dict[str, TopK]:
         self._merge()
