@@ -186,19 +186,16 @@ def pooling_switches(
         [_taps(at[axis] * stride[axis] - padding[axis], kernel[axis], dilation[axis], sizes[axis]) for axis in (0, 1)]
         for at in position.tolist()
     ]
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}  # rows by how many taps of their window lie in the map
     for row, (rows, cols) in enumerate(spans):
-        groups.setdefault(
-            (len(range(rows.start, rows.stop, rows.step)), len(range(cols.start, cols.stop, cols.step))), []
-        ).append(row)
-    switches = torch.empty(len(spans), 2, dtype=torch.long)
+        groups.setdefault((len(range(*rows.indices(sizes[0]))), len(range(*cols.indices(sizes[1])))), []).append(row)
+    switches, steps = torch.empty(len(spans), 2, dtype=torch.long), torch.tensor(dilation)
     for (height, width), members in groups.items():
         corner = torch.tensor([[spans[m][0].start, spans[m][1].start] for m in members])
-        taps = [corner[:, axis, None] + torch.arange(n) * dilation[axis] for axis, n in enumerate((height, width))]
-        at = [t.to(maps.device) for t in (source[members], channels[members], *taps)]
-        window = maps[at[0][:, None, None], at[1][:, None, None], at[2][:, :, None], at[3][:, None, :]]
+        ys, xs = (corner[:, axis, None] + torch.arange(n) * dilation[axis] for axis, n in enumerate((height, width)))
+        image, channel, ys, xs = (t.to(maps.device) for t in (source[members], channels[members], ys, xs))
+        window = maps[image[:, None, None], channel[:, None, None], ys[:, :, None], xs[:, None, :]]  # [R, h, w]
         index = F.max_pool2d(window[:, None], (height, width), return_indices=True)[1].flatten().cpu()
-        steps = torch.tensor(dilation)
         switches[members] = corner + torch.stack([index // width, index % width], dim=1) * steps
     return switches
 
