@@ -200,13 +200,16 @@ class Projector:
         return projections
 
     def _window_bytes(self, layer: LayerPlan) -> int:
-        """The bytes of maps one row keeps for its backward in ``layer``'s projection passes: the image's, scaled
-        to its window."""
+        """The bytes of maps one row holds at most in ``layer``'s projection passes: the maps the forward keeps for
+        the backward and the gradients the backward holds at once, the image's scaled to its window. (A pass that
+        needs more than the heap freed by the maxima pass grows it, and glibc gives the growth back when it is freed:
+        every call then page-faults it in afresh.)"""
+        image = self._survey.kept_bytes + self._survey.grad_bytes
         if layer.windows is None:
-            return self._survey.kept_bytes
+            return image
         height, width = self.input_size[1:]
         top, left, bottom, right = layer.windows.windows(torch.zeros(1, 2), (height, width))[0].tolist()
-        return self._survey.kept_bytes * (bottom - top) * (right - left) // (height * width)
+        return image * (bottom - top) * (right - left) // (height * width)
 
     def _check_images(self, images: Tensor) -> None:
         check_images(self.model, images)

@@ -147,6 +147,8 @@ class Survey:
             layer: its input and its output (one map where it works in place).
         kept_bytes: per image, the bytes of every map the modules on the way make (what a pass that keeps them
             for its backward holds).
+        grad_bytes: per image, the most bytes of gradients alive at once in a backward pass on the way: a
+            module's output's and its input's (two maps where it works in place, which its backward does not).
     """
 
     structure: tuple
@@ -158,6 +160,7 @@ class Survey:
     smooth: frozenset[str]
     pass_bytes: int
     kept_bytes: int
+    grad_bytes: int
 
 
 # Surveys by model, then by what they were asked; a model's entry goes with the model.
@@ -240,14 +243,16 @@ def _survey(
         smooth=frozenset(activations.smooth),
         pass_bytes=sizes["at_once"],
         kept_bytes=sizes["kept"],
+        grad_bytes=sizes["grads"],
     )
 
 
 @contextlib.contextmanager
 def _map_bytes(model: nn.Module) -> Iterator[dict[str, int]]:
-    """While active, ``{"at_once": bytes, "kept": bytes}`` of the leaf modules' maps so far: the most alive at once
-    at one module (its first input and its output, one map where it works in place), and all the new maps."""
-    sizes = {"at_once": 0, "kept": 0}
+    """While active, ``{"at_once": bytes, "kept": bytes, "grads": bytes}`` of the leaf modules' maps so far: the
+    most alive at once at one module (its first input and its output, one map where it works in place), all the new
+    maps, and the most a module's backward holds at once (its output's and its input's gradients)."""
+    sizes = {"at_once": 0, "kept": 0, "grads": 0}
     made: set[int] = set()
 
     def record(module: nn.Module, inputs: tuple, output: object) -> None:
@@ -258,8 +263,10 @@ def _map_bytes(model: nn.Module) -> Iterator[dict[str, int]]:
             made.add(output.untyped_storage().data_ptr())
             sizes["kept"] += size
         first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        first_size = 0 if first is None else first.numel() * first.element_size()
+        sizes["grads"] = max(sizes["grads"], size + first_size)
         if first is not None and first.untyped_storage().data_ptr() != output.untyped_storage().data_ptr():
-            size += first.numel() * first.element_size()
+            size += first_size
         sizes["at_once"] = max(sizes["at_once"], size)
 
     handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]

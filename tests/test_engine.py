@@ -173,14 +173,15 @@ def test_batched_and_stops_at_layer(zf_net, probe):
 
 
 def test_cpu_projection_passes_are_cut_to_what_their_rows_keep(zf_net, probe, monkeypatch):
-    """On CPU a projection pass takes as many rows as keep the maps their backward needs within CPU_PASS_BYTES
-    (each row's window's share of every map the forward makes), and gives what one pass gives."""
+    """On CPU a projection pass takes as many rows as keep what they hold at most within CPU_PASS_BYTES (each
+    row's window's share of every map the forward makes and of the gradients the backward holds at once), and
+    gives what one pass gives."""
     layers = {"5": [0, 1, 2, 3, 4], "12": [0, 1, 2]}
     plan = Projector(zf_net, layers, input_size=probe.shape[1:])
     found = plan.maxima(probe)
     whole = plan.project(probe, found)
     row = plan._window_bytes(plan.layers["5"])
-    assert 0 < row < plan._survey.kept_bytes  # a window's share of the image's
+    assert 0 < row < plan._survey.kept_bytes + plan._survey.grad_bytes  # a window's share of the image's
     monkeypatch.setattr(kernels, "CPU_PASS_BYTES", 2 * row + 1)
     passes = []
     zf_net[0].register_forward_hook(lambda m, i, o: passes.append(len(i[0])))

@@ -279,6 +279,7 @@ def test_cpu_passes_are_cut_to_keep_the_maps_alive_at_once_small(inplace):
     per_image = conv + pooled if inplace else 2 * conv  # the pooling's input and output; the ReLU's
     plan = Projector(net, {"2": [0, 5, 9], "3": [1, 7]}, input_size=images.shape[1:])
     assert plan.images_per_pass(10) == CPU_PASS_BYTES // per_image < 10
+    assert plan._survey.grad_bytes == 2 * conv  # the ReLU's backward holds two gradients, in place or not
     assert Projector(net, {"3": [1]}, input_size=images.shape[1:], batch_size=2).images_per_pass(10) == 2
     assert per_pass(10, per_image, "cuda") == 10 and per_pass(10, per_image, "cuda", most=4) == 4
     passes = []
