@@ -138,18 +138,22 @@ def project_rows(
         boxes = torch.tensor([[0, 0, height, width]]).expand(k, -1)
     tail = plan.tail
     stop = module if tail is None else {tail.before: tail.entry}
+    seed_at = position - boxes[:, :2] // torch.tensor(field.stride) if field else position
     out = torch.zeros(k, images.shape[1], height, width, device=device)
-    for rows in _batches(boxes, batch_size or k):
+    for group, rows, first in _batches(boxes, batch_size or k):
         box = boxes[rows]
         x = crop(images.detach(), box, sources=source[rows]).to(device, working_dtype(model))
         x = fast.prepare(x).requires_grad_(True)
-        seed_at = position[rows] - box[:, :2] // torch.tensor(field.stride) if field else position[rows]
         with fast, relu_rule(rule):
             (activation,) = run_until(forward, x, stop, _activation, at_input and tail is None).values()
         if tail is None:
-            seed = _seed(activation, channels[rows], seed_at, mode)
-        else:  # no forward past the stretch: the seed is the maximum's value, sent down by hand
-            seed = tail.down(value[rows].to(activation), channels[rows], seed_at, activation.shape, fast.filters)
+            seed = _seed(activation, channels[rows], seed_at[rows], mode)
+        else:  # no forward past the stretch: the seed is the maximum's value, sent down by hand once per shape
+            if first:
+                entry = torch.Size([len(group), *activation.shape[1:]])
+                down = tail.down(value[group].to(activation), channels[group], seed_at[group], entry, fast.filters)
+                seeds = iter(down.split(len(rows)))  # the group's batches, in order
+            seed = next(seeds)
         (grad,) = torch.autograd.grad(activation, x, grad_outputs=seed)
         for row, (top, left, bottom, right), window in zip(rows.tolist(), box.tolist(), grad, strict=True):
             out[row, :, top:bottom, left:right] = window.detach()
@@ -160,11 +164,12 @@ def _activation(name: str, activation: Tensor, layer_input: object) -> Tensor:
     return activation
 
 
-def _batches(boxes: Tensor, size: int) -> list[Tensor]:
-    """Row indices grouped by window shape (rows of one shape run as one batch), at most ``size`` a batch."""
+def _batches(boxes: Tensor, size: int) -> list[tuple[Tensor, Tensor, bool]]:
+    """Row indices grouped by window shape, each group cut into batches of at most ``size`` rows (rows of one
+    shape run as one batch): ``(group, batch, whether it is the group's first)``, the batches of a group in order."""
     shapes = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1)
     groups = [torch.nonzero((shapes == shape).all(dim=1)).flatten() for shape in shapes.unique(dim=0)]
-    return [chunk for group in groups for chunk in group.split(size)]
+    return [(group, chunk, i == 0) for group in groups for i, chunk in enumerate(group.split(size))]
 
 
 def _seed(activation: Tensor, channels: Tensor, position: Tensor, mode: str) -> Tensor:
