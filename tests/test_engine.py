@@ -372,10 +372,14 @@ def test_find_maxima_records_the_pooling_switches(zf_net, probe):
     ids=repr,
 )
 def test_pooling_switches_are_the_poolings_own_choice_at_every_position(pool):
-    """Every output position of every map, on maps with many ties (values rounded to a few levels) and
-    channels-last: the switch found on the window alone is the index the pooling itself returns."""
+    """Every output position of every map, on maps with many ties (values rounded to a few levels), NaNs, and
+    corners of ``-inf`` (windows whose taps inside the map are all ``-inf``), channels-last: the switch found on
+    the window alone is the index the pooling itself returns."""
     gen = torch.Generator().manual_seed(0)
-    maps = (torch.rand(2, 3, 11, 10, generator=gen) * 3).round().contiguous(memory_format=torch.channels_last)
+    maps = (torch.rand(2, 3, 11, 10, generator=gen) * 3).round() - 2  # -2 to 1
+    maps[0, 0, :4, :4] = maps[1, 2, -4:, -3:] = -torch.inf
+    maps[0, 1, 5, 5] = maps[0, 1, 5, 6] = maps[1, 0, 0, 0] = torch.nan
+    maps = maps.contiguous(memory_format=torch.channels_last)
     _, index = F.max_pool2d(
         maps, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, return_indices=True
     )
