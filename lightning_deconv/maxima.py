@@ -211,7 +211,12 @@ class _Running:
     """The running top k of every layer. Each layer's forward hook takes the batch's own top k (and its pooling
     switches, while the pooling's input is alive); those are merged into the running top k after the batch
     where images are kept (so that the images no top k holds any more can be dropped), else every
-    :data:`_MERGE_EVERY` batches and at the end: a few merges of many columns, not one per batch and layer."""
+    :data:`_MERGE_EVERY` batches and at the end: a few merges of many columns, not one per batch and layer.
+
+    A layer whose maps are small (fewer than :data:`_HELD` values) and outlived the first pass unchanged is taken
+    after each pass instead (:meth:`after_pass`), all such layers one after the other: run in its hook, between
+    two convolutions, the same bookkeeping takes several times as long (its code and data out of the caches).
+    """
 
     def __init__(
         self, modules: dict[str, nn.Module], channels: dict[str, Tensor], k: int, keep: bool, summaries: bool
@@ -225,8 +230,33 @@ class _Running:
         self.kept: dict[int, Tensor] = {}  # with ``keep``: a copy of each image some running top k holds, by source
         self.peaks: dict[str, list[Tensor]] = {name: [] for name in modules}
         self.flat: dict[str, list[Tensor]] = {name: [] for name in modules}
+        self.outlive: dict[str, bool] = {}  # per small layer: whether its maps outlived the first pass unchanged
+        self.held: dict[str, tuple[Tensor, Tensor | None, tuple]] = {}  # this pass's small maps and their versions
 
     def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> None:
+        small = _holdable(activation, layer_input)
+        if small and self.outlive.get(name, True):  # watched on the first pass, after that taken after the pass
+            self.held[name] = (activation, layer_input, _versions(activation, layer_input))
+        if not (small and self.outlive.get(name)):
+            self._take(name, activation, layer_input)
+
+    def after_pass(self) -> list[str]:
+        """Take the layers held over this pass; the first time, only learn which small maps outlive a pass. Returns
+        the held layers whose maps an in-place op changed later in the pass: they are not taken, and the pass must
+        run again for them (now taken in their hooks)."""
+        changed = []
+        for name, (activation, layer_input, versions) in self.held.items():
+            unchanged = _versions(activation, layer_input) == versions
+            if self.outlive.get(name) and unchanged:
+                self._take(name, activation, layer_input)
+            elif self.outlive.get(name):
+                changed.append(name)
+            self.outlive[name] = unchanged
+        self.held.clear()
+        return changed
+
+    def _take(self, name: str, activation: Tensor, layer_input: Tensor | None) -> None:
+        """The batch's own top k of layer ``name`` into ``pending``."""
         # Small ops (kernels.plain_ops), on one thread (kernels.one_thread) but for the passes over a large map.
         device = activation.device
         with plain_ops():
@@ -315,6 +345,19 @@ class _Running:
 
 _SMALL_MAP = 2**19  # values of a batch's map, below which its bookkeeping runs on one thread
 _MERGE_EVERY = 16  # batches whose own top k wait to be merged, at most (without kept images)
+_HELD = 2**20  # values of a layer's map (and its pooling's input), below which it is taken after the pass
+
+
+def _holdable(activation: Tensor, layer_input: Tensor | None) -> bool:
+    """Whether a layer's maps are small enough to hold over a pass, and tell when they change (inference tensors,
+    made under ``torch.inference_mode``, count no versions)."""
+    maps = [activation, *([layer_input] if isinstance(layer_input, Tensor) else [])]
+    return sum(m.numel() for m in maps) < _HELD and not any(m.is_inference() for m in maps)
+
+
+def _versions(activation: Tensor, layer_input: Tensor | None) -> tuple:
+    """What tells whether an in-place op changed the maps since (their version counters)."""
+    return activation._version, layer_input._version if isinstance(layer_input, Tensor) else None
 
 
 @torch.no_grad()
@@ -352,6 +395,9 @@ def scan(
             running.batch = batch
             with fast:
                 run_until(forward, fast.prepare(x), modules, running)
+                changed = running.after_pass()
+                if changed:  # an in-place op changed them after their hooks: run again, taken in the hooks now
+                    run_until(forward, fast.prepare(x), {name: modules[name] for name in changed}, running)
             running.after_batch()
     if not running.seen:
         raise ValueError("The data holds no images: give at least one.")

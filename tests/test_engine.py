@@ -361,6 +361,42 @@ def test_find_maxima_records_the_pooling_switches(zf_net, probe):
             assert maxima.switch[k, 0].tolist() == [flat // inputs.shape[-1], flat % inputs.shape[-1]]
 
 
+class _ZeroesItsInputFromTheSecondCall(nn.Module):
+    """Changes its input in place, from its second call on (so after the scan has learnt that it did not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x.mul_(0) if self.calls > 1 else x
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["in-place ReLU", "in place from the second pass"])
+def test_maxima_of_maps_an_in_place_op_changes_later_in_the_pass(late):
+    """Small layers are taken after each pass, where their maps outlive it unchanged; a map that a later in-place
+    op changes (at once, or only from the second pass on) is still taken as the layer gave it."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3)
+    with torch.no_grad():
+        conv.bias[2] = -50.0  # channel 2 stays negative: a ReLU after it would turn its maxima to 0
+    after = _ZeroesItsInputFromTheSecondCall() if late else nn.ReLU(inplace=True)
+    net = nn.Sequential(conv, after, nn.MaxPool2d(2), nn.Conv2d(6, 4, 3)).eval()
+    images = torch.randn(7, 3, 12, 12)
+    passes = []
+    conv.register_forward_hook(lambda module, inputs, output: passes.append(len(output)))
+    found = find_maxima(net, images, {"0": [0, 2, 5], "3": [0, 3]}, batch_size=2)["0"]  # "3": the pass goes on
+    assert passes == ([2, 2, 2, 2, 1] if late else [2, 2, 2, 1])  # late: the second pass runs again to conv
+    with torch.no_grad():
+        maps = conv(images)
+    for k, channel in enumerate([0, 2, 5]):
+        image, row, col = strongest(maps, channel)
+        assert (found.source[k, 0].item(), *found.position[k, 0].tolist()) == (image, row, col)
+        assert torch.isclose(found.value[k, 0], maps[image, channel, row, col], rtol=1e-6)
+    assert found.value[1, 0] < 0  # the negative channel kept its own maximum
+
+
 @pytest.mark.parametrize(
     "pool",
     [
