@@ -216,6 +216,7 @@ class _Running:
     A layer whose maps are small (fewer than :data:`_HELD` values) and outlived the first pass unchanged is taken
     after each pass instead (:meth:`after_pass`), all such layers one after the other: run in its hook, between
     two convolutions, the same bookkeeping takes several times as long (its code and data out of the caches).
+    Changes are told by the maps' version counters, which every in-place op bumps but one through ``.data``.
     """
 
     def __init__(
