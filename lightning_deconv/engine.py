@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lightning_deconv.kernels import FastCPUOps, per_pass
 from lightning_deconv.layers import bound_forward, check_images, model_device, projection_state, uncompiled
-from lightning_deconv.maxima import TopK, find_maxima
+from lightning_deconv.maxima import TopK, scan
 from lightning_deconv.plan import Crop, LayerPlan, Mode, Rule, plan_layers, structure
 from lightning_deconv.projection import Projection, project_rows
 from lightning_deconv.rules import RULES
@@ -145,17 +145,24 @@ class Projector:
     def __call__(self, images: Tensor, state: Mapping[str, Tensor] | None = None) -> dict[str, Projection]:
         """Find each tracked channel's strongest activation over ``images`` and project it: one maxima pass for
         every layer, then each layer's projections. Returns ``{layer: Projection}`` in the plan's order."""
-        return self.project(images, self.maxima(images, state), state)
+        fast = FastCPUOps(model_device(self.model))  # one for both halves: each filter is laid out once
+        return self._project(images, self._maxima(images, state, False, fast), state, fast)
 
     def maxima(
         self, images: Tensor, state: Mapping[str, Tensor] | None = None, summaries: bool = False
     ) -> dict[str, TopK]:
         """Each tracked channel's strongest activation over ``images`` (one forward, all layers); with
-        ``summaries``, also each layer's channel peaks and Gram matrix (see :func:`find_maxima`)."""
+        ``summaries``, also each layer's channel peaks and Gram matrix (see
+        :func:`~lightning_deconv.maxima.find_maxima`)."""
+        return self._maxima(images, state, summaries, FastCPUOps(model_device(self.model)))
+
+    def _maxima(
+        self, images: Tensor, state: Mapping[str, Tensor] | None, summaries: bool, fast: FastCPUOps
+    ) -> dict[str, TopK]:
         self._check_images(images)
         channels = {name: layer.channels for name, layer in self.layers.items()}
-        size = self.images_per_pass(len(images))
-        return find_maxima(self.model, images, channels, batch_size=size, state=state, summaries=summaries)
+        batches = images.split(self.images_per_pass(len(images)))
+        return scan(self.model, batches, channels, 1, state=state, summaries=summaries, ops=fast)
 
     def images_per_pass(self, count: int) -> int:
         """How many of ``count`` images one forward pass of :meth:`maxima` takes: at most ``batch_size``, and on
@@ -173,13 +180,17 @@ class Projector:
         activation at ``found[l].position[f, j]`` of channel ``found[l].channels[f]``, every other activation
         of the layer zeroed.
         """
+        return self._project(images, found, state, FastCPUOps(model_device(self.model)))
+
+    def _project(
+        self, images: Tensor, found: Mapping[str, TopK], state: Mapping[str, Tensor] | None, fast: FastCPUOps
+    ) -> dict[str, Projection]:
         self._check_images(images)
         unknown = [name for name in found if name not in self.layers]
         if unknown:
             raise ValueError(f"Layers {unknown} are not in this plan; it has {list(self.layers)}.")
         device = model_device(self.model)
-        fast = FastCPUOps(device)  # one for every layer: each filter is laid out once
-        projections = {}
+        projections = {}  # one FastCPUOps for every layer: each filter is laid out once
         with projection_state(self.model):
             forward = bound_forward(self.model, state, float32=True)
             for name, top in found.items():

@@ -204,7 +204,8 @@ class FastCPUOps(TorchFunctionMode):
         if not self.enabled:
             return weight.detach()
         if id(weight) not in self._filters:  # the weight is kept too, so that its id is not reused meanwhile
-            self._filters[id(weight)] = (weight, weight.detach().contiguous(memory_format=torch.channels_last))
+            with torch.inference_mode(False):  # a copy made for a pass under inference mode serves a backward too
+                self._filters[id(weight)] = (weight, weight.detach().contiguous(memory_format=torch.channels_last))
         return self._filters[id(weight)][1]
 
     def _conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # F.conv2d's names

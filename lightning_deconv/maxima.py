@@ -371,12 +371,14 @@ def scan(
     keep_images: bool = False,
     state: Mapping[str, Tensor] | None = None,
     summaries: bool = False,
+    ops: FastCPUOps | None = None,
 ) -> dict[str, TopK]:
     """The top ``k`` of every layer's listed channels over ``batches`` of images (the one search behind
     :func:`find_maxima` and :func:`~lightning_deconv.analysis.top_k.top_k`).
 
     The model runs in eval mode, compiled code eagerly, without consuming random numbers, with ``state``
-    replacing some of its tensors by name; on CPU channels-last (:class:`~lightning_deconv.kernels.FastCPUOps`).
+    replacing some of its tensors by name; on CPU channels-last (:class:`~lightning_deconv.kernels.FastCPUOps`:
+    ``ops``, or its own; one shared with the projections that follow lays each filter out once for both).
 
     Raises:
         ValueError: unknown layers, empty or out-of-range channels, no images, images that do not fit the model.
@@ -386,7 +388,7 @@ def scan(
     running = _Running(modules, channels, k, keep_images, summaries)
     reference = next(model.parameters(), None)
     forward = bound_forward(model, state)
-    fast = FastCPUOps(reference.device if reference is not None else "cpu")
+    fast = ops or FastCPUOps(reference.device if reference is not None else "cpu")
     with eval_mode(model), untouched_rng(), torch.compiler.set_stance("force_eager"):
         for batch in batches:
             if not len(batch):  # an empty tensor still splits into one empty batch
