@@ -145,24 +145,30 @@ class Projector:
     def __call__(self, images: Tensor, state: Mapping[str, Tensor] | None = None) -> dict[str, Projection]:
         """Find each tracked channel's strongest activation over ``images`` and project it: one maxima pass for
         every layer, then each layer's projections. Returns ``{layer: Projection}`` in the plan's order."""
-        fast = FastCPUOps(model_device(self.model))  # one for both halves: each filter is laid out once
-        return self._project(images, self._maxima(images, state, False, fast), state, fast)
+        ops = self.ops()  # one for both halves: each filter is laid out once
+        return self.project(images, self.maxima(images, state, ops=ops), state, ops=ops)
+
+    def ops(self) -> FastCPUOps:
+        """The CPU ops the passes run with (:class:`~lightning_deconv.kernels.FastCPUOps`). Give one to
+        :meth:`maxima` and :meth:`project` of the same firing, so that each filter is laid out once for both; not
+        across firings, whose weights differ."""
+        return FastCPUOps(model_device(self.model))
 
     def maxima(
-        self, images: Tensor, state: Mapping[str, Tensor] | None = None, summaries: bool = False
+        self,
+        images: Tensor,
+        state: Mapping[str, Tensor] | None = None,
+        summaries: bool = False,
+        *,
+        ops: FastCPUOps | None = None,
     ) -> dict[str, TopK]:
         """Each tracked channel's strongest activation over ``images`` (one forward, all layers); with
         ``summaries``, also each layer's channel peaks and Gram matrix (see
-        :func:`~lightning_deconv.maxima.find_maxima`)."""
-        return self._maxima(images, state, summaries, FastCPUOps(model_device(self.model)))
-
-    def _maxima(
-        self, images: Tensor, state: Mapping[str, Tensor] | None, summaries: bool, fast: FastCPUOps
-    ) -> dict[str, TopK]:
+        :func:`~lightning_deconv.maxima.find_maxima`); ``ops`` as :meth:`ops` gives them (default: its own)."""
         self._check_images(images)
         channels = {name: layer.channels for name, layer in self.layers.items()}
         batches = images.split(self.images_per_pass(len(images)))
-        return scan(self.model, batches, channels, 1, state=state, summaries=summaries, ops=fast)
+        return scan(self.model, batches, channels, 1, state=state, summaries=summaries, ops=ops or self.ops())
 
     def images_per_pass(self, count: int) -> int:
         """How many of ``count`` images one forward pass of :meth:`maxima` takes: at most ``batch_size``, and on
@@ -171,26 +177,27 @@ class Projector:
         return per_pass(count, self._survey.pass_bytes, model_device(self.model), self.batch_size)
 
     def project(
-        self, images: Tensor, found: Mapping[str, TopK], state: Mapping[str, Tensor] | None = None
+        self,
+        images: Tensor,
+        found: Mapping[str, TopK],
+        state: Mapping[str, Tensor] | None = None,
+        *,
+        ops: FastCPUOps | None = None,
     ) -> dict[str, Projection]:
         """Project given strongest activations (any ``k``; rows may repeat channels) of some of the plan's layers.
 
         ``state`` replaces some of the model's tensors by name for this call (e.g. rank 0's BatchNorm
         statistics under DDP). Row ``f * k + j`` of layer ``l`` projects ``images[found[l].source[f, j]]``'s
         activation at ``found[l].position[f, j]`` of channel ``found[l].channels[f]``, every other activation
-        of the layer zeroed.
+        of the layer zeroed. ``ops`` as :meth:`ops` gives them (default: its own).
         """
-        return self._project(images, found, state, FastCPUOps(model_device(self.model)))
-
-    def _project(
-        self, images: Tensor, found: Mapping[str, TopK], state: Mapping[str, Tensor] | None, fast: FastCPUOps
-    ) -> dict[str, Projection]:
         self._check_images(images)
         unknown = [name for name in found if name not in self.layers]
         if unknown:
             raise ValueError(f"Layers {unknown} are not in this plan; it has {list(self.layers)}.")
         device = model_device(self.model)
-        projections = {}  # one FastCPUOps for every layer: each filter is laid out once
+        fast = ops or self.ops()  # one for every layer: each filter is laid out once
+        projections = {}
         with projection_state(self.model):
             forward = bound_forward(self.model, state, float32=True)
             for name, top in found.items():

@@ -9,11 +9,12 @@ runs it over a whole dataset. Both give a :class:`TopK` per layer, which the eng
 (:class:`~lightning_deconv.engine.Projector`) projects row by row.
 
 The search runs one forward pass per batch, stopped at the deepest layer, for all layers at once, and keeps
-per feature only a running top ``k``: the layer's forward hook cuts the batch's ``[F, B]`` per-image maxima
-to the batch's own top ``k`` (with the pooling switches, while the pooling's input is alive), and those are
-merged into the running ``[F, k]`` after the batch (where images are kept) or every few batches, so memory is
-``O(F * k)`` plus one batch. Where the images are kept, each chosen image is copied once, when it is chosen,
-and dropped when no top ``k`` holds it any more; the ``[F, k, C, H, W]`` tensor is laid out once, at the end.
+per feature only a running top ``k``: the layer's forward hook (or, for small maps that outlive the pass, the
+end of the pass) cuts the batch's ``[F, B]`` per-image maxima to the batch's own top ``k`` (with the pooling
+switches, while the pooling's input is alive), and those are merged into the running ``[F, k]`` after the
+batch (where images are kept) or every few batches, so memory is ``O(F * k)`` plus one batch. Where the images
+are kept, each chosen image is copied once, when it is chosen, and dropped when no top ``k`` holds it any more;
+the ``[F, k, C, H, W]`` tensor is laid out once, at the end.
 """
 
 from __future__ import annotations

@@ -201,10 +201,11 @@ class Watch:
         of rows ``rank, rank + world, ...`` of each layer (``summaries``: with the channel peaks and Gram matrices
         the measures need)."""
         plan, probe = self.plan, self.probe.to(self.device)
-        maxima = plan.maxima(probe, state, summaries=summaries)
+        ops = plan.ops()  # one for both halves of the firing: each filter is laid out once
+        maxima = plan.maxima(probe, state, summaries=summaries, ops=ops)
         share = {layer: found.take(range(rank, len(found.channels), world)) for layer, found in maxima.items()}
         share = {layer: found for layer, found in share.items() if len(found.channels)}
-        projected = plan.project(probe, share, state) if share else {}
+        projected = plan.project(probe, share, state, ops=ops) if share else {}
         return {"maxima": maxima, "images": {layer: p.images for layer, p in projected.items()}}
 
     def merge(self, parts: list[dict[str, Any]]) -> dict[str, Projection]:

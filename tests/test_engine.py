@@ -190,6 +190,23 @@ def test_cpu_projection_passes_are_cut_to_what_their_rows_keep(zf_net, probe, mo
     assert torch.allclose(cut["5"].images, whole["5"].images, rtol=1e-5, atol=1e-7)
 
 
+def test_one_set_of_ops_lays_each_filter_out_once_for_both_halves(zf_net, probe):
+    """The ops given to maxima and project (as a firing and the plan's call do) lay each filter out once, and the
+    projections are those of separate ops."""
+    plan = Projector(zf_net, {"5": [0, 3], "12": [1]}, input_size=probe.shape[1:])
+    ops = plan.ops()
+    found = plan.maxima(probe, ops=ops)
+    laid_out = {copy for _, copy in ops._filters.values()}
+    assert laid_out  # the pass laid its filters out
+    given, filters = [], ops.filters
+    ops.filters = lambda weight: given.append(filters(weight)) or given[-1]
+    shared = plan.project(probe, found, ops=ops)
+    assert given and all(any(copy is known for known in laid_out) for copy in given)  # the same copies, reused
+    separate = plan.project(probe, plan.maxima(probe))
+    for layer in shared:
+        assert torch.equal(shared[layer].images, separate[layer].images)
+
+
 def test_find_maxima_one_pass_for_all_layers(zf_net, probe):
     calls = []
     zf_net[0].register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
