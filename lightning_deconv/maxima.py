@@ -9,12 +9,12 @@ runs it over a whole dataset. Both give a :class:`TopK` per layer, which the eng
 (:class:`~lightning_deconv.engine.Projector`) projects row by row.
 
 The search runs one forward pass per batch, stopped at the deepest layer, for all layers at once, and keeps
-per feature only a running top ``k``: the layer's forward hook (or, for small maps that outlive the pass, the
-end of the pass) cuts the batch's ``[F, B]`` per-image maxima to the batch's own top ``k`` (with the pooling
-switches, while the pooling's input is alive), and those are merged into the running ``[F, k]`` after the
-batch (where images are kept) or every few batches, so memory is ``O(F * k)`` plus one batch. Where the images
-are kept, each chosen image is copied once, when it is chosen, and dropped when no top ``k`` holds it any more;
-the ``[F, k, C, H, W]`` tensor is laid out once, at the end.
+per feature only a running top ``k``: the layer's forward hook copies its tracked channels (and its pooling's
+input's, for the switches); once a layer's copies hold a few MiB, their ``[F, B]`` per-image maxima are cut to
+those images' own top ``k`` (with the switches), and those are merged into the running ``[F, k]`` after the
+batch (where images are kept) or every few takes, so memory is ``O(F * k)`` plus one batch and the copies.
+Where the images are kept, each chosen image is copied once, when it is chosen, and dropped when no top ``k``
+holds it any more; the ``[F, k, C, H, W]`` tensor is laid out once, at the end.
 """
 
 from __future__ import annotations
@@ -157,19 +157,31 @@ def image_maxima(name: str, activation: Tensor, channels: Tensor) -> tuple[Tenso
     Returns:
         ``value [K, N]`` (half precision lifted to float32) and its ``position [K, N, 2]`` (row, col).
     """
-    n, c, h, w = activation.shape
-    check_channels(name, channels, c)
-    channels, maps = channels.to(activation.device), activation.detach()
+    check_channels(name, channels, activation.shape[1])
+    return _position_maxima(_select_channels(activation.detach(), channels))
+
+
+def _select_channels(maps: Tensor, channels: Tensor) -> Tensor:
+    """``[N, K, H, W]`` a copy of ``maps``' ``channels``, channels-last where ``maps`` are."""
+    channels = channels.to(maps.device)
     if maps.is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous():
         # [N, H*W, C] is a view here: pick the channels from each pixel's row rather than gather strided maps.
+        n, c, h, w = maps.shape
         picked = maps.permute(0, 2, 3, 1).reshape(n, h * w, c).index_select(2, channels)
-        value, flat = picked.to(torch.promote_types(maps.dtype, torch.float32)).max(dim=1)
-        value, flat = value.t(), flat.t()
+        return picked.view(n, h, w, len(channels)).permute(0, 3, 1, 2)
+    return maps.index_select(1, channels)
+
+
+def _position_maxima(maps: Tensor) -> tuple[Tensor, Tensor]:
+    """``image_maxima`` of every channel of ``maps`` ``[N, K, H, W]``."""
+    n, k, h, w = maps.shape
+    if maps.is_contiguous(memory_format=torch.channels_last) and not maps.is_contiguous():
+        value, flat = maps.permute(0, 2, 3, 1).reshape(n, h * w, k).max(dim=1)
     else:
-        picked = maps[:, channels].transpose(0, 1).reshape(len(channels), n, h * w)
-        value, flat = picked.to(torch.promote_types(maps.dtype, torch.float32)).max(dim=2)
-    flat = flat.cpu()
-    return value.cpu(), torch.stack([flat // w, flat % w], dim=2)
+        value, flat = maps.reshape(n, k, h * w).max(dim=2)
+    # The maximum is exact in any precision: lifting it afterwards gives the same value.
+    value, flat = value.t().to(torch.promote_types(maps.dtype, torch.float32)).cpu(), flat.t().cpu()
+    return value, torch.stack([flat // w, flat % w], dim=2)
 
 
 def pooling_switches(
@@ -209,15 +221,13 @@ def _taps(start: int, kernel: int, dilation: int, size: int) -> slice:
 
 
 class _Running:
-    """The running top k of every layer. Each layer's forward hook takes the batch's own top k (and its pooling
-    switches, while the pooling's input is alive); those are merged into the running top k after the batch
-    where images are kept (so that the images no top k holds any more can be dropped), else every
-    :data:`_MERGE_EVERY` batches and at the end: a few merges of many columns, not one per batch and layer.
-
-    A layer whose maps are small (fewer than :data:`_HELD` values) and outlived the first pass unchanged is taken
-    after each pass instead (:meth:`after_pass`), all such layers one after the other: run in its hook, between
-    two convolutions, the same bookkeeping takes several times as long (its code and data out of the caches).
-    Changes are told by the maps' version counters, which every in-place op bumps but one through ``.data``.
+    """The running top k of every layer. Each layer's forward hook copies the tracked channels of its output (and
+    of its max-pooling's input, for the switches): a copy no later in-place op can change, and small. The copies
+    wait there, several batches' worth, until they hold :data:`_HELD_BYTES` (or the images must be merged): then
+    the batches' own top k are cut from them in one go (:meth:`_take`), not batch by batch in the hooks, where the
+    same bookkeeping runs several times as long (its code and data out of the caches, between two convolutions).
+    Those are merged into the running top k after the batch where images are kept (so that the images no top k
+    holds any more can be dropped), else every :data:`_MERGE_EVERY` takes and at the end.
     """
 
     def __init__(
@@ -226,76 +236,74 @@ class _Running:
         self.modules, self.channels, self.k, self.keep, self.summaries = modules, channels, k, keep, summaries
         self.best: dict[str, TopK] = {}
         self.pending: dict[str, list[TopK]] = {name: [] for name in modules}  # batches' own top k, not merged yet
-        self.values: dict[str, Tensor] = {}  # pooling layers: the running top k's values alone, from the hooks
+        self.values: dict[str, Tensor] = {}  # pooling layers: the running top k's values alone, from the takes
         self.seen = 0
         self.batch: Tensor | None = None  # the images of the batch being scanned, as the data gave them
         self.kept: dict[int, Tensor] = {}  # with ``keep``: a copy of each image some running top k holds, by source
         self.peaks: dict[str, list[Tensor]] = {name: [] for name in modules}
         self.flat: dict[str, list[Tensor]] = {name: [] for name in modules}
-        self.outlive: dict[str, bool] = {}  # per small layer: whether its maps outlived the first pass unchanged
-        self.held: dict[str, tuple[Tensor, Tensor | None, tuple]] = {}  # this pass's small maps and their versions
+        # Per layer, the copies not taken yet: (first source, tracked output channels, pooling input's or None).
+        self.held: dict[str, list[tuple[int, Tensor, Tensor | None]]] = {name: [] for name in modules}
+        self.held_bytes: dict[str, int] = dict.fromkeys(modules, 0)
 
     def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> None:
-        small = _holdable(activation, layer_input)
-        if small and self.outlive.get(name, True):  # watched on the first pass, after that taken after the pass
-            self.held[name] = (activation, layer_input, _versions(activation, layer_input))
-        if not (small and self.outlive.get(name)):
-            self._take(name, activation, layer_input)
+        channels = self.channels[name]
+        check_channels(name, channels, activation.shape[1])
+        pool = self.modules[name]
+        pooling = isinstance(pool, nn.MaxPool2d) and isinstance(layer_input, Tensor) and layer_input.dim() == 4
+        with plain_ops():  # small ops: no round trips through the pass's modes (kernels.plain_ops)
+            if self.summaries:  # the whole layer, here, before a later in-place op can change it
+                self.peaks[name].append(activation.amax(dim=(0, 2, 3)).float().cpu())
+                self.flat[name].append(activation.flatten(1).double().cpu())
+            maps = _select_channels(activation.detach(), channels)
+            pool_input = _select_channels(layer_input.detach(), channels) if pooling else None
+        self.held[name].append((self.seen, maps, pool_input))
+        self.held_bytes[name] += sum(t.numel() * t.element_size() for t in (maps, pool_input) if t is not None)
+        if self.held_bytes[name] >= _HELD_BYTES:
+            self._take(name)
 
-    def after_pass(self) -> list[str]:
-        """Take the layers held over this pass; the first time, only learn which small maps outlive a pass. Returns
-        the held layers whose maps an in-place op changed later in the pass: they are not taken, and the pass must
-        run again for them (now taken in their hooks)."""
-        changed = []
-        for name, (activation, layer_input, versions) in self.held.items():
-            unchanged = _versions(activation, layer_input) == versions
-            if self.outlive.get(name) and unchanged:
-                self._take(name, activation, layer_input)
-            elif self.outlive.get(name):
-                changed.append(name)
-            self.outlive[name] = unchanged
-        self.held.clear()
-        return changed
-
-    def _take(self, name: str, activation: Tensor, layer_input: Tensor | None) -> None:
-        """The batch's own top k of layer ``name`` into ``pending``."""
-        # Small ops (kernels.plain_ops), on one thread (kernels.one_thread) but for the passes over a large map.
-        device = activation.device
-        with plain_ops():
-            with one_thread(device) if activation.numel() < _SMALL_MAP else contextlib.nullcontext():
-                if self.summaries:  # here, before a later in-place op can change the output
-                    self.peaks[name].append(activation.amax(dim=(0, 2, 3)).float().cpu())
-                    self.flat[name].append(activation.flatten(1).double().cpu())
-                value, position = image_maxima(name, activation, self.channels[name])  # [F, B], [F, B, 2]
-            with one_thread(device):
-                self.pending[name].append(self._batch_best(name, value, position, activation, layer_input))
+    def _take(self, name: str) -> None:
+        """The held batches' own top k of layer ``name`` into ``pending``."""
+        held, self.held[name], self.held_bytes[name] = self.held[name], [], 0
+        if not held:
+            return
+        maps = torch.cat([m for _, m, _ in held]) if len(held) > 1 else held[0][1]
+        pool_input = None
+        if held[0][2] is not None:
+            pool_input = torch.cat([p for _, _, p in held]) if len(held) > 1 else held[0][2]
+        # Small ops on one thread (kernels.one_thread) but for a pass over large maps.
+        with plain_ops(), one_thread(maps.device) if maps.numel() < _SMALL_MAP else contextlib.nullcontext():
+            value, position = _position_maxima(maps)  # [F, B], [F, B, 2]
+        with plain_ops(), one_thread(maps.device):
+            self.pending[name].append(self._batch_best(name, value, position, maps, pool_input, held[0][0]))
 
     def _batch_best(
-        self, name: str, value: Tensor, position: Tensor, activation: Tensor, layer_input: Tensor | None
+        self, name: str, value: Tensor, position: Tensor, maps: Tensor, pool_input: Tensor | None, first: int
     ) -> TopK:
+        """The own top k of images ``first, first + 1, ...``, whose tracked channels are ``maps`` (and the
+        pooling's input's ``pool_input``)."""
         channels = self.channels[name]
         f, b = value.shape
         # A stable sort by value alone ranks the batch's images as _best does: their sources ascend.
         order = value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
-        source = torch.arange(self.seen, self.seen + b).expand(f, b)
-        best = TopK(channels, value, source, position, tuple(activation.shape[-2:])).columns(order)
-        pool = self.modules[name]
-        if isinstance(pool, nn.MaxPool2d) and isinstance(layer_input, Tensor) and layer_input.dim() == 4:
+        source = torch.arange(first, first + b).expand(f, b)
+        best = TopK(channels, value, source, position, tuple(maps.shape[-2:])).columns(order)
+        if pool_input is not None:
             # A candidate no better than the k-th best of the earlier images can never enter the top k (ties go
             # to the earlier image): its switch is never needed.
             contender = ~(best.value <= self._bar(name, best.value))
             switch = torch.zeros(*order.shape, 2, dtype=torch.long)
             if contender.any():
-                rows = channels[:, None].expand_as(order)[contender]
+                rows = torch.arange(f)[:, None].expand_as(order)[contender]  # the feature's map in pool_input
                 switch[contender] = pooling_switches(
-                    pool, layer_input, rows, order[contender], best.position[contender]
+                    self.modules[name], pool_input, rows, order[contender], best.position[contender]
                 )
             best = replace(best, switch=switch)
         return best
 
     def _bar(self, name: str, value: Tensor) -> Tensor:
-        """``[F, 1]`` the k-th best value of each feature before this batch (``-inf`` while fewer than k images
-        were seen); then takes in the batch's own top k ``value``."""
+        """``[F, 1]`` the k-th best value of each feature before these images (``-inf`` while fewer than k images
+        were seen); then takes in their own top k ``value``."""
         earlier = self.values.get(name)
         known = value if earlier is None else torch.cat([earlier, value], dim=1)
         self.values[name] = known.topk(min(self.k, known.shape[1]), dim=1).values
@@ -304,13 +312,15 @@ class _Running:
         return earlier[:, -1:]
 
     def after_batch(self) -> None:
-        """Count the batch; where images are kept, merge now, copy each newly chosen image once (so that the batch
-        itself is not held) and drop the images no running top k holds any more."""
+        """Count the batch; where images are kept, take and merge now, copy each newly chosen image once (so that
+        the batch itself is not held) and drop the images no running top k holds any more."""
         first, self.seen = self.seen, self.seen + len(self.batch)
         if not self.keep:
             if len(next(iter(self.pending.values()))) >= _MERGE_EVERY:
                 self._merge()
             return
+        for name in self.held:
+            self._take(name)
         self._merge()
         held = set(torch.cat([top.source.flatten() for top in self.best.values()]).tolist())
         for source in held - self.kept.keys():
@@ -332,6 +342,8 @@ class _Running:
                     parts.clear()
 
     def result(self) -> dict[str, TopK]:
+        for name in self.held:
+            self._take(name)
         self._merge()
         found = {}
         for name, top in self.best.items():
@@ -345,21 +357,9 @@ class _Running:
         return found
 
 
-_SMALL_MAP = 2**19  # values of a batch's map, below which its bookkeeping runs on one thread
-_MERGE_EVERY = 16  # batches whose own top k wait to be merged, at most (without kept images)
-_HELD = 2**20  # values of a layer's map (and its pooling's input), below which it is taken after the pass
-
-
-def _holdable(activation: Tensor, layer_input: Tensor | None) -> bool:
-    """Whether a layer's maps are small enough to hold over a pass, and tell when they change (inference tensors,
-    made under ``torch.inference_mode``, count no versions)."""
-    maps = [activation, *([layer_input] if isinstance(layer_input, Tensor) else [])]
-    return sum(m.numel() for m in maps) < _HELD and not any(m.is_inference() for m in maps)
-
-
-def _versions(activation: Tensor, layer_input: Tensor | None) -> tuple:
-    """What tells whether an in-place op changed the maps since (their version counters)."""
-    return activation._version, layer_input._version if isinstance(layer_input, Tensor) else None
+_SMALL_MAP = 2**19  # values of the maps taken at once, below which their bookkeeping runs on one thread
+_MERGE_EVERY = 16  # takes whose own top k wait to be merged, at most (without kept images)
+_HELD_BYTES = 2**22  # bytes of a layer's copies held before their top k are taken
 
 
 @torch.no_grad()
@@ -399,9 +399,6 @@ def scan(
             running.batch = batch
             with fast:
                 run_until(forward, fast.prepare(x), modules, running)
-                changed = running.after_pass()
-                if changed:  # an in-place op changed them after their hooks: run again, taken in the hooks now
-                    run_until(forward, fast.prepare(x), {name: modules[name] for name in changed}, running)
             running.after_batch()
     if not running.seen:
         raise ValueError("The data holds no images: give at least one.")

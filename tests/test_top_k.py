@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
+import lightning_deconv.maxima as search
 from lightning_deconv import Projector, TopK, deconvolve, find_maxima, merge_top_k
 from lightning_deconv.analysis.top_k import project_top_k, top_k
 from lightning_deconv.analysis.top_k_files import load_top_k, save_top_k
@@ -151,6 +152,34 @@ def test_equals_brute_force(net, images, kind):
         assert (top.images is not None) == kept
         if kept:
             assert torch.equal(top.images, seen[top.source])
+
+
+@pytest.mark.parametrize("held_bytes", [1, 5_000, 2**30], ids=["each batch", "every few batches", "at the end"])
+def test_copies_held_over_batches_give_the_same_top_k(net, images, monkeypatch, held_bytes):
+    """The hooks hold copies of the tracked channels and take their top k once they hold a budget of bytes: taken
+    after each batch, every few batches (each layer at its own times) or once at the end, and merged every two
+    takes, the ranking is the brute force's, ties included."""
+    monkeypatch.setattr(search, "_HELD_BYTES", held_bytes)
+    monkeypatch.setattr(search, "_MERGE_EVERY", 2)
+    takes, take = [], search._Running._take
+
+    def counted(running: search._Running, name: str) -> None:
+        takes.append(len(running.held[name]))
+        take(running, name)
+
+    monkeypatch.setattr(search._Running, "_take", counted)
+    assert_brute_force(net, images, top_k(net, images, FEATURES, k=K, batch_size=4))
+    held, batches = [n for n in takes if n], -(-N // 4)  # batches per take (the end may find none left)
+    assert sum(held) == batches * len(FEATURES)
+    if held_bytes == 1:
+        assert max(held) == 1
+    elif held_bytes == 2**30:
+        assert held == [batches] * len(FEATURES)
+    else:
+        assert 1 < max(held) < batches and len(set(held)) > 1
+    blank = torch.zeros(11, 3, 97, 91, dtype=torch.float64)  # equal everywhere: images 0..k-1, position (0, 0)
+    for top in top_k(net, blank, FEATURES, k=4, batch_size=3).values():
+        assert top.source.tolist() == [[0, 1, 2, 3]] * len(top.channels) and (top.position == 0).all()
 
 
 def test_shuffled_loader_counts_in_the_order_it_yields(net, images):
