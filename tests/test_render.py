@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -74,6 +75,21 @@ def test_crop_pads_outside_the_image():
     assert out[0, 0].tolist() == [[-7, -7, -7], [2, 3, -7], [6, 7, -7]]
     with pytest.raises(ValueError, match="same size"):
         crop(torch.zeros(2, 1, 4, 4), torch.tensor([[0, 0, 2, 2], [0, 0, 3, 3]]))
+
+
+def test_crop_equals_slicing_the_padded_image():
+    """Boxes inside, across every border, larger than the image and wholly outside, from chosen sources, against
+    the explicit way: pad each image by more than any box reaches out, then slice."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 2, 7, 9, generator=gen)
+    corners = torch.tensor([[0, 0], [-3, 5], [4, -2], [-6, -6], [9, 11], [2, 3], [-1, -1]])
+    sources = torch.tensor([3, 0, 0, 2, 1, 3, 2])
+    for height, width in [(3, 4), (5, 5), (9, 12)]:
+        boxes = torch.cat([corners, corners + torch.tensor([height, width])], dim=1)
+        padded = F.pad(images, (20,) * 4, value=-5.0)
+        at = zip(sources.tolist(), (corners + 20).tolist(), strict=True)
+        want = torch.stack([padded[k, :, t : t + height, x : x + width] for k, (t, x) in at])
+        assert torch.equal(crop(images, boxes, fill=-5.0, sources=sources), want)
 
 
 def test_crop_from_chosen_sources():
