@@ -316,7 +316,7 @@ class _Running:
         the batch itself is not held) and drop the images no running top k holds any more."""
         first, self.seen = self.seen, self.seen + len(self.batch)
         if not self.keep:
-            if len(next(iter(self.pending.values()))) >= _MERGE_EVERY:
+            if max(len(parts) for parts in self.pending.values()) >= _MERGE_EVERY:  # layers take at their own times
                 self._merge()
             return
         for name in self.held:
@@ -346,7 +346,8 @@ class _Running:
             self._take(name)
         self._merge()
         found = {}
-        for name, top in self.best.items():
+        for name in self.modules:  # in the order asked for, not the order of the layers' first takes
+            top = self.best[name]
             if self.keep:
                 images = torch.stack([self.kept[source] for source in top.source.flatten().tolist()])
                 top = replace(top, images=images.view(*top.source.shape, *images.shape[1:]))

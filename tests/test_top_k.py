@@ -168,9 +168,19 @@ def test_copies_held_over_batches_give_the_same_top_k(net, images, monkeypatch, 
         take(running, name)
 
     monkeypatch.setattr(search._Running, "_take", counted)
+    waiting, after_batch = [], search._Running.after_batch
+
+    def merged(running: search._Running) -> None:
+        after_batch(running)
+        waiting.append(max(len(parts) for parts in running.pending.values()))
+
+    monkeypatch.setattr(search._Running, "after_batch", merged)
     assert_brute_force(net, images, top_k(net, images, FEATURES, k=K, batch_size=4))
     held, batches = [n for n in takes if n], -(-N // 4)  # batches per take (the end may find none left)
     assert sum(held) == batches * len(FEATURES)
+    backwards = dict(reversed(FEATURES.items()))  # the first layer takes least often
+    assert_brute_force(net, images, top_k(net, images, backwards, k=K, batch_size=4), features=backwards)
+    assert max(waiting) < 2  # no layer's takes wait unmerged past _MERGE_EVERY, whichever layer comes first
     if held_bytes == 1:
         assert max(held) == 1
     elif held_bytes == 2**30:
