@@ -98,20 +98,31 @@ class Tail:
         shapes = self.shapes(entry)
         device, rows = value.device, torch.arange(len(value), device=value.device)
         layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # oneDNN's
-        signal = torch.zeros(len(value), shapes[-1][1], 1, 1, dtype=value.dtype, device=device)
-        signal[rows, channels.to(device), 0, 0] = value
+        # The supports first (they depend on the positions only), so that nothing but a mask and a rectification
+        # runs between the transposed filters below: small ops between convolutions run several times slower.
+        steps: list[tuple[nn.Conv2d, Tensor, Tensor] | None] = []  # per module, bottom up; None for a ReLU
         start = position.to(device).long()  # each row's support: its top-left corner in the current map
+        size = (1, 1)  # the support's size
         for module, shape in zip(reversed(self.modules), reversed(shapes[:-1]), strict=True):
             if isinstance(module, nn.ReLU):
-                signal = signal.clamp(min=0)  # rectify the signal itself
+                steps.append(None)
                 continue
             weight = filters(module.weight) if filters else module.weight.detach().contiguous(memory_format=layout)
-            weight = weight.to(signal.dtype)
+            geometry = zip(size, module.stride, module.dilation, module.kernel_size, strict=True)
+            size = tuple((side - 1) * s + d * (k - 1) + 1 for side, s, d, k in geometry)
+            start = start * torch.tensor(module.stride, device=device) - torch.tensor(module.padding, device=device)
+            steps.append((module, weight.to(value.dtype), ~_inside(start, size, shape[-2:])))
+        signal = torch.zeros(len(value), shapes[-1][1], 1, 1, dtype=value.dtype, device=device)
+        signal[rows, channels.to(device), 0, 0] = value
+        for step in steps:
+            if step is None:
+                signal = signal.clamp(min=0)  # rectify the signal itself
+                continue
+            module, weight, outside = step
             signal = F.conv_transpose2d(
                 signal.contiguous(memory_format=layout), weight, None, module.stride, 0, 0, 1, module.dilation
             )
-            start = start * torch.tensor(module.stride, device=device) - torch.tensor(module.padding, device=device)
-            signal = signal.masked_fill(~_inside(start, signal.shape[-2:], shape[-2:]), 0)
+            signal = signal.masked_fill(outside, 0)
         # Paste each row's support at its place, on a canvas wide enough that every support fits whole (what
         # lies outside the map is zero already), laid out as ``layout``: [K, H, W, C] is channels-last.
         (height, width), (h, w) = entry[-2:], signal.shape[-2:]
