@@ -275,19 +275,25 @@ class _Running:
         with plain_ops(), one_thread(maps.device) if maps.numel() < _SMALL_MAP else contextlib.nullcontext():
             value, position = _position_maxima(maps)  # [F, B], [F, B, 2]
         with plain_ops(), one_thread(maps.device):
-            self.pending[name].append(self._batch_best(name, value, position, maps, pool_input, held[0][0]))
+            self.pending[name].append(self._batch_best(name, value, position, maps.shape[-2:], pool_input, held[0][0]))
 
     def _batch_best(
-        self, name: str, value: Tensor, position: Tensor, maps: Tensor, pool_input: Tensor | None, first: int
+        self,
+        name: str,
+        value: Tensor,
+        position: Tensor,
+        map_size: torch.Size,
+        pool_input: Tensor | None,
+        first: int,
     ) -> TopK:
-        """The own top k of images ``first, first + 1, ...``, whose tracked channels are ``maps`` (and the
-        pooling's input's ``pool_input``)."""
+        """The own top k of images ``first, first + 1, ...`` (their maxima ``value`` at ``position`` in maps of
+        ``map_size``; ``pool_input``: the pooling input's tracked channels, for the switches)."""
         channels = self.channels[name]
         f, b = value.shape
         # A stable sort by value alone ranks the batch's images as _best does: their sources ascend.
         order = value.argsort(dim=1, descending=True, stable=True)[:, : self.k]
         source = torch.arange(first, first + b).expand(f, b)
-        best = TopK(channels, value, source, position, tuple(maps.shape[-2:])).columns(order)
+        best = TopK(channels, value, source, position, tuple(map_size)).columns(order)
         if pool_input is not None:
             # A candidate no better than the k-th best of the earlier images can never enter the top k (ties go
             # to the earlier image): its switch is never needed.
