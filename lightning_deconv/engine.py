@@ -9,10 +9,11 @@ keeps one for the whole fit. What a plan learns by running the model (:class:`~l
 kept with the model while its structure stays the same, so a second call on the same model does not trace again.
 
 Where the speed comes from: one forward finds the maxima of every layer (stopped at the deepest,
-:mod:`lightning_deconv.maxima`); each projection runs on the window of its image that holds its receptive
-field; a max-pooling layer's maxima start at their switches, whose field is smaller; under the deconvnet
-rule, plain Conv2d/ReLU stretches at the top are gone down without their forward pass
-(:mod:`lightning_deconv.tails`); on CPU the passes run with the equal, faster ops of
+:mod:`lightning_deconv.maxima`; where the deepest ends a channel-wise chain from a convolution, that
+convolution computes only the tracked channels, :mod:`lightning_deconv.narrowing`); each projection runs on
+the window of its image that holds its receptive field; a max-pooling layer's maxima start at their switches,
+whose field is smaller; under the deconvnet rule, plain Conv2d/ReLU stretches at the top are gone down without
+their forward pass (:mod:`lightning_deconv.tails`); on CPU the passes run with the equal, faster ops of
 :mod:`lightning_deconv.kernels` (:mod:`lightning_deconv.projection`).
 
 Reference: M. D. Zeiler, R. Fergus, *Visualizing and Understanding Convolutional Networks*, ECCV 2014.
@@ -26,7 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_deconv.kernels import FastCPUOps, per_pass
-from lightning_deconv.layers import bound_forward, check_images, model_device, projection_state, uncompiled
+from lightning_deconv.layers import (
+    bound_forward,
+    check_images,
+    model_device,
+    named_layers,
+    projection_state,
+    uncompiled,
+)
 from lightning_deconv.maxima import TopK, scan
 from lightning_deconv.plan import Crop, LayerPlan, Mode, Rule, plan_layers, structure
 from lightning_deconv.projection import Projection, project_rows
@@ -122,6 +130,17 @@ class Projector:
         self.layers, self.activations, self._survey = plan_layers(
             self.model, modules, channels, self.input_size, rule=rule, mode=mode, crop=crop, windows=windows
         )
+        self._narrowed = self._narrowing()
+
+    def _narrowing(self) -> tuple[nn.Conv2d, Tensor] | None:
+        """The convolution the maxima pass computes only some output channels of, and those channels: the tracked
+        ones of the layers it feeds (:mod:`lightning_deconv.narrowing`); ``None`` where it computes them all."""
+        if self._survey.narrowable is None:
+            return None
+        name, fed = self._survey.narrowable
+        conv = named_layers(self.model)[name]
+        channels = torch.cat([self.layers[layer].channels for layer in fed]).unique()
+        return (conv, channels) if len(channels) < conv.out_channels else None
 
     def fits(self, model: nn.Module, input_size: Sequence[int]) -> bool:
         """Whether this plan still fits ``model`` and images of ``input_size`` (same modules and shapes)."""
@@ -168,7 +187,10 @@ class Projector:
         self._check_images(images)
         channels = {name: layer.channels for name, layer in self.layers.items()}
         batches = images.split(self.images_per_pass(len(images)))
-        return scan(self.model, batches, channels, 1, state=state, summaries=summaries, ops=ops or self.ops())
+        fast = ops or self.ops()
+        # Summaries need every channel of each layer; the rest only the tracked ones.
+        with fast.narrowed(*(self._narrowed if self._narrowed and not summaries else (None,))):
+            return scan(self.model, batches, channels, 1, state=state, summaries=summaries, ops=fast)
 
     def images_per_pass(self, count: int) -> int:
         """How many of ``count`` images one forward pass of :meth:`maxima` takes: at most ``batch_size``, and on

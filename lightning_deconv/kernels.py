@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, autograd
+from torch import Tensor, autograd, nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
+
+from lightning_deconv.narrowing import narrowed_conv2d
 
 __all__ = [
     "CPU_PASS_BYTES",
@@ -179,12 +181,14 @@ class FastCPUOps(TorchFunctionMode):
     be), convolutions over at most 4 input channels use :class:`FewChannelConv2d` and 4-D local response
     normalisation :func:`local_response_norm`. One instance serves several batches and holds its filter
     copies until it is dropped. Other devices keep their stock kernels (cuDNN has none of these problems).
+    While :meth:`narrowed` (on any device), one convolution computes only the output channels a pass reads.
     """
 
     def __init__(self, device: torch.device | str) -> None:
         super().__init__()
         self.enabled = torch.device(device).type == "cpu"
         self._filters: dict[int, tuple[Tensor, Tensor]] = {}  # id(weight) -> (weight, channels-last copy)
+        self._narrowed: tuple[nn.Conv2d, Tensor] | None = None
 
     def prepare(self, images: Tensor) -> Tensor:
         """``images`` in the layout this pass runs in."""
@@ -192,7 +196,7 @@ class FastCPUOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.enabled and func is F.conv2d:
+        if func is F.conv2d and (self.enabled or self._narrowed is not None):
             return self._conv2d(*args, **kwargs)
         if self.enabled and func is F.local_response_norm and (args[0] if args else kwargs["input"]).dim() == 4:
             return local_response_norm(*args, **kwargs)
@@ -208,7 +212,25 @@ class FastCPUOps(TorchFunctionMode):
                 self._filters[id(weight)] = (weight, weight.detach().contiguous(memory_format=torch.channels_last))
         return self._filters[id(weight)][1]
 
+    @contextlib.contextmanager
+    def narrowed(self, conv: nn.Conv2d | None, channels: Tensor | None = None) -> Iterator[None]:
+        """While active (on any device), ``conv`` computes only its output ``channels``, the others zero
+        (:mod:`lightning_deconv.narrowing`); ``None``: every convolution computes all of them."""
+        self._narrowed = None if conv is None else (conv, channels.to(conv.weight.device))
+        try:
+            yield
+        finally:
+            self._narrowed = None
+
     def _conv2d(self, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # F.conv2d's names
+        if self._narrowed is not None and weight is self._narrowed[0].weight:
+            layout = torch.channels_last if self.enabled else torch.contiguous_format
+            filters = self.filters(weight)  # laid out whole: the projections' tails take it too
+            return narrowed_conv2d(
+                input, filters, bias, self._narrowed[1], stride, padding, dilation, memory_format=layout
+            )
+        if not self.enabled:
+            return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         filters = self.filters(weight)
         if groups == 1 and weight.shape[1] <= 4 and not isinstance(padding, str):
             return FewChannelConv2d.apply(input, filters, bias, stride, padding, dilation)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lightning_deconv import kernels
 from lightning_deconv.geometry import ReceptiveField, exact_on_windows, input_field, tracing
 from lightning_deconv.layers import bound_forward, model_device, projection_state, run_until, working_dtype
+from lightning_deconv.narrowing import narrowable, recording_chain
 from lightning_deconv.rules import ActivationSurvey
 from lightning_deconv.selection import check_channels
 from lightning_deconv.tails import Tail, find_tail, recording_links
@@ -149,6 +150,8 @@ class Survey:
             for its backward holds).
         grad_bytes: per image, the most bytes of gradients alive at once in a backward pass on the way: a
             module's output's and its input's (two maps where it works in place, which its backward does not).
+        narrowable: the convolution the maxima pass may narrow to the tracked channels of the layers it feeds
+            (:mod:`lightning_deconv.narrowing`), by name, with those layers' names; ``None`` if none.
     """
 
     structure: tuple
@@ -161,6 +164,7 @@ class Survey:
     pass_bytes: int
     kept_bytes: int
     grad_bytes: int
+    narrowable: tuple[str, tuple[str, ...]] | None
 
 
 # Surveys by model, then by what they were asked; a model's entry goes with the model.
@@ -215,7 +219,12 @@ def _survey(
     try:
         # One image and a few windows: small maps, run on one thread (see kernels.one_thread).
         with projection_state(model), torch.no_grad(), kernels.one_thread(image.device), fast, activations:
-            with tracing(model, image) as tracer, recording_links(linked) as links, _map_bytes(model) as sizes:
+            with (
+                tracing(model, image) as tracer,
+                recording_links(linked) as links,
+                _map_bytes(model) as sizes,
+                recording_chain(model) as chain,
+            ):
 
                 def capture(name: str, output: Tensor, layer_input: Tensor) -> tuple:
                     map_ = layer_input if starts[name] else output
@@ -244,6 +253,7 @@ def _survey(
         pass_bytes=sizes["at_once"],
         kept_bytes=sizes["kept"],
         grad_bytes=sizes["grads"],
+        narrowable=narrowable(model, chain, modules),
     )
 
 
