@@ -12,9 +12,9 @@ Where the speed comes from: one forward finds the maxima of every layer (stopped
 :mod:`lightning_deconv.maxima`; where the deepest ends a channel-wise chain from a convolution, that
 convolution computes only the tracked channels, :mod:`lightning_deconv.narrowing`); each projection runs on
 the window of its image that holds its receptive field; a max-pooling layer's maxima start at their switches,
-whose field is smaller; under the deconvnet rule, plain Conv2d/ReLU stretches at the top are gone down without
-their forward pass (:mod:`lightning_deconv.tails`); on CPU the passes run with the equal, faster ops of
-:mod:`lightning_deconv.kernels` (:mod:`lightning_deconv.projection`).
+whose field is smaller, where that pays for keeping the switches; under the deconvnet rule, plain Conv2d/ReLU
+stretches at the top are gone down without their forward pass (:mod:`lightning_deconv.tails`); on CPU the
+passes run with the equal, faster ops of :mod:`lightning_deconv.kernels` (:mod:`lightning_deconv.projection`).
 
 Reference: M. D. Zeiler, R. Fergus, *Visualizing and Understanding Convolutional Networks*, ECCV 2014.
 """
@@ -131,6 +131,7 @@ class Projector:
             self.model, modules, channels, self.input_size, rule=rule, mode=mode, crop=crop, windows=windows
         )
         self._narrowed = self._narrowing()
+        self._switches = [name for name, layer in self.layers.items() if layer.starts_at_switch]
 
     def _narrowing(self) -> tuple[nn.Conv2d, Tensor] | None:
         """The convolution the maxima pass computes only some output channels of, and those channels: the tracked
@@ -181,16 +182,19 @@ class Projector:
         *,
         ops: FastCPUOps | None = None,
     ) -> dict[str, TopK]:
-        """Each tracked channel's strongest activation over ``images`` (one forward, all layers); with
-        ``summaries``, also each layer's channel peaks and Gram matrix (see
-        :func:`~lightning_deconv.maxima.find_maxima`); ``ops`` as :meth:`ops` gives them (default: its own)."""
+        """Each tracked channel's strongest activation over ``images`` (one forward, all layers), with the switches
+        of the layers whose projections start at them (:attr:`LayerPlan.starts_at_switch
+        <lightning_deconv.plan.LayerPlan>`); with ``summaries``, also each layer's channel peaks and Gram matrix
+        (see :func:`~lightning_deconv.maxima.find_maxima`); ``ops`` as :meth:`ops` gives them (default: its own)."""
         self._check_images(images)
         channels = {name: layer.channels for name, layer in self.layers.items()}
         batches = images.split(self.images_per_pass(len(images)))
         fast = ops or self.ops()
         # Summaries need every channel of each layer; the rest only the tracked ones.
         with fast.narrowed(*(self._narrowed if self._narrowed and not summaries else (None,))):
-            return scan(self.model, batches, channels, 1, state=state, summaries=summaries, ops=fast)
+            return scan(
+                self.model, batches, channels, 1, state=state, summaries=summaries, ops=fast, switches=self._switches
+            )
 
     def images_per_pass(self, count: int) -> int:
         """How many of ``count`` images one forward pass of :meth:`maxima` takes: at most ``batch_size``, and on

@@ -20,7 +20,7 @@ holds it any more; the ``[F, k, C, H, W]`` tensor is laid out once, at the end.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -231,9 +231,16 @@ class _Running:
     """
 
     def __init__(
-        self, modules: dict[str, nn.Module], channels: dict[str, Tensor], k: int, keep: bool, summaries: bool
+        self,
+        modules: dict[str, nn.Module],
+        channels: dict[str, Tensor],
+        k: int,
+        keep: bool,
+        summaries: bool,
+        switches: Collection[str],
     ) -> None:
         self.modules, self.channels, self.k, self.keep, self.summaries = modules, channels, k, keep, summaries
+        self.switches = switches
         self.best: dict[str, TopK] = {}
         self.pending: dict[str, list[TopK]] = {name: [] for name in modules}  # batches' own top k, not merged yet
         self.values: dict[str, Tensor] = {}  # pooling layers: the running top k's values alone, from the takes
@@ -249,8 +256,12 @@ class _Running:
     def __call__(self, name: str, activation: Tensor, layer_input: Tensor | None) -> None:
         channels = self.channels[name]
         check_channels(name, channels, activation.shape[1])
-        pool = self.modules[name]
-        pooling = isinstance(pool, nn.MaxPool2d) and isinstance(layer_input, Tensor) and layer_input.dim() == 4
+        pooling = (
+            name in self.switches
+            and isinstance(self.modules[name], nn.MaxPool2d)
+            and isinstance(layer_input, Tensor)
+            and layer_input.dim() == 4
+        )
         with plain_ops():  # small ops: no round trips through the pass's modes (kernels.plain_ops)
             if self.summaries:  # the whole layer, here, before a later in-place op can change it
                 self.peaks[name].append(activation.amax(dim=(0, 2, 3)).float().cpu())
@@ -380,9 +391,11 @@ def scan(
     state: Mapping[str, Tensor] | None = None,
     summaries: bool = False,
     ops: FastCPUOps | None = None,
+    switches: Collection[str] | None = None,
 ) -> dict[str, TopK]:
     """The top ``k`` of every layer's listed channels over ``batches`` of images (the one search behind
-    :func:`find_maxima` and :func:`~lightning_deconv.analysis.top_k.top_k`).
+    :func:`find_maxima` and :func:`~lightning_deconv.analysis.top_k.top_k`), with the switches of the max-pooling
+    layers named in ``switches`` (default: of every max-pooling layer).
 
     The model runs in eval mode, compiled code eagerly, without consuming random numbers, with ``state``
     replacing some of its tensors by name; on CPU channels-last (:class:`~lightning_deconv.kernels.FastCPUOps`:
@@ -393,7 +406,8 @@ def scan(
     """
     model = uncompiled(model)  # hooks must see every op: compiled code runs eagerly here
     modules, channels = resolve_features(model, layers)
-    running = _Running(modules, channels, k, keep_images, summaries)
+    pools = [name for name, module in modules.items() if isinstance(module, nn.MaxPool2d)]
+    running = _Running(modules, channels, k, keep_images, summaries, pools if switches is None else switches)
     reference = next(model.parameters(), None)
     forward = bound_forward(model, state)
     fast = ops or FastCPUOps(reference.device if reference is not None else "cpu")

@@ -51,8 +51,10 @@ class LayerPlan:
         field: its receptive field where projecting on receptive-field windows is exact, else ``None``.
         windows: the field the projections' windows are cut with (that of the pooling's input for a layer that
             starts at the switch), or ``None``: whole images.
-        starts_at_switch: a max-pooling layer projected in ``"max"`` mode: unpooling sends the seed to its
-            switch and nowhere else, so the projection starts there, in the pooling's input.
+        starts_at_switch: a max-pooling layer projected in ``"max"`` mode from its switches: unpooling sends the
+            seed to its switch and nowhere else, so the projection starts there, in the pooling's input, where
+            that pays for the switches the maxima pass must then keep (see :func:`_starts_at_switch`); the
+            others run through the pooling.
         tail: the plain Conv2d/ReLU stretch the deconvnet goes down without its forward pass, or ``None``.
         crop: how crops are cut: to the exact ``"receptive_field"``, to the projection's ``"support"``, or
             not at all (``"none"``).
@@ -95,16 +97,18 @@ def plan_layers(
     Raises:
         ValueError: a layer whose map is not 4-D, out-of-range channels, an input size the model does not accept.
     """
-    starts = {name: mode == "max" and isinstance(module, nn.MaxPool2d) for name, module in modules.items()}
+    # Max-pooling layers may start at their switches; which do is decided from the survey (_starts_at_switch).
+    pools = {name: mode == "max" and isinstance(module, nn.MaxPool2d) for name, module in modules.items()}
     tails = {
-        name: find_tail(model, name, starts[name]) if rule == "deconvnet" and mode == "max" else None
-        for name in modules
+        name: find_tail(model, name, pools[name]) if rule == "deconvnet" and mode == "max" else None for name in modules
     }
-    found = survey(model, modules, starts, tails, input_size)
+    found = survey(model, modules, pools, tails, input_size)
     for name in modules:
         check_channels(name, channels[name], found.channels[name])
     activations = _report_activations(found.rectifiers, found.smooth, rule)
-    inexact = [name for name in modules if not found.exact[name]]
+    starts = {name: pools[name] and _starts_at_switch(name, modules[name], found, input_size) for name in modules}
+    exact = {name: found.exact_at_input[name] if starts[name] else found.exact[name] for name in modules}
+    inexact = [name for name in modules if not exact[name]]
     if inexact:
         warnings.warn(
             f"Projecting {', '.join(map(repr, inexact))} on whole images and cropping to the projections' "
@@ -114,20 +118,44 @@ def plan_layers(
         )
     plans = {}
     for name in modules:
-        exact = found.exact[name]
         traced = found.fields[name]
         used = input_field(traced, modules[name]) if traced is not None and starts[name] else traced
         plans[name] = LayerPlan(
             name=name,
             module=modules[name],
             channels=channels[name],
-            field=traced if exact else None,
-            windows=used if exact and windows else None,
+            field=traced if exact[name] else None,
+            windows=used if exact[name] and windows else None,
             starts_at_switch=starts[name],
             tail=tails[name] if found.chains[name] else None,
-            crop="support" if crop == "receptive_field" and not exact else crop,
+            crop="support" if crop == "receptive_field" and not exact[name] else crop,
         )
     return plans, activations, found
+
+
+def _starts_at_switch(name: str, pool: nn.Module, found: Survey, input_size: tuple[int, ...]) -> bool:
+    """Whether a max-pooling layer's projections start at their switches rather than run through the pooling.
+
+    Starting at the switch projects on the smaller window of the pooling input's field, but the maxima pass must
+    then copy the pooling's input (for the switches), every image's. Where a tail goes down from the switch
+    without a forward pass, always. Elsewhere only where a row's window, run through the pooling, would grow by
+    more bytes of maps than the pooling's input holds per image: a deep pooling's small maps (ZFNet's pool5 under
+    the guided rule) start at the switch, a first one's large maps (ZFNet's pool1: 4.6 MB an image against a
+    window 11 px wide instead of 7) run through the pooling.
+    """
+    if found.chains[name]:
+        return True
+    field = found.fields[name]
+    if field is None or not found.exact[name]:
+        return True  # through the pooling would be whole images
+    if not found.exact_at_input[name]:
+        return False
+    height, width = input_size[1:]
+    inner = input_field(field, pool)
+    grown = min(field.size[0], height) * min(field.size[1], width) - min(inner.size[0], height) * min(
+        inner.size[1], width
+    )
+    return found.input_bytes[name] <= (found.kept_bytes + found.grad_bytes) * grown // (height * width)
 
 
 @dataclass(frozen=True)
@@ -140,7 +168,11 @@ class Survey:
     Attributes:
         structure: the model's :func:`structure` when surveyed.
         fields: per layer, the traced receptive field of its output (``None``: not traceable).
-        exact: per layer, whether projecting on receptive-field windows reproduces the whole-image pass.
+        exact: per layer, whether projecting on its receptive-field windows reproduces the whole-image pass.
+        exact_at_input: per layer that may start at its switch, the same for its input's field (projections
+            that start at the switch); ``False`` for the others.
+        input_bytes: per layer that may start at its switch, the bytes of its input map per image (what the
+            maxima pass copies for the switches); 0 for the others.
         chains: per layer, whether the model runs the layer's plain tail as one chain (``False`` if none).
         channels: per layer, the channels of its map.
         rectifiers, smooth: the activations the model calls on the way (display names).
@@ -157,6 +189,8 @@ class Survey:
     structure: tuple
     fields: dict[str, ReceptiveField | None]
     exact: dict[str, bool]
+    exact_at_input: dict[str, bool]
+    input_bytes: dict[str, int]
     chains: dict[str, bool]
     channels: dict[str, int]
     rectifiers: frozenset[str]
@@ -227,27 +261,36 @@ def _survey(
             ):
 
                 def capture(name: str, output: Tensor, layer_input: Tensor) -> tuple:
-                    map_ = layer_input if starts[name] else output
-                    if not isinstance(map_, Tensor) or map_.dim() != 4:
-                        raise ValueError(f"Layer {name!r} takes {type(map_).__name__}, not a 4-D feature map.")
-                    return tracer.field_of(output), map_.detach().clone()  # later in-place ops must not reach it
+                    if starts[name] and (not isinstance(layer_input, Tensor) or layer_input.dim() != 4):
+                        raise ValueError(f"Layer {name!r} takes {type(layer_input).__name__}, not a 4-D feature map.")
+                    # Copies: later in-place ops must not reach them.
+                    inputs = layer_input.detach().clone() if starts[name] else None
+                    return tracer.field_of(output), output.detach().clone(), inputs
 
                 whole = run_until(forward, image, modules, capture)
-            traced = {name: field for name, (field, _) in whole.items()}
-            exact = {}
-            for name, field in traced.items():
-                used = input_field(field, modules[name]) if field is not None and starts[name] else field
-                exact[name] = used is not None and exact_on_windows(
-                    forward, image, (name, modules[name]), used, whole[name][1], starts[name], fast.prepare
+            traced = {name: field for name, (field, _, _) in whole.items()}
+            exact, exact_at_input, input_bytes = {}, dict.fromkeys(modules, False), dict.fromkeys(modules, 0)
+            for name, (field, output, inputs) in whole.items():
+                layer = (name, modules[name])
+                exact[name] = field is not None and exact_on_windows(
+                    forward, image, layer, field, output, False, fast.prepare
                 )
+                if inputs is not None:
+                    used = input_field(field, modules[name]) if field is not None else None
+                    exact_at_input[name] = used is not None and exact_on_windows(
+                        forward, image, layer, used, inputs, True, fast.prepare
+                    )
+                    input_bytes[name] = inputs[0].numel() * inputs.element_size()
     except ValueError as error:
         raise ValueError(f"{error} (input size {tuple(input_size)})") from error
     return Survey(
         structure=shape,
         fields=traced,
         exact=exact,
+        exact_at_input=exact_at_input,
+        input_bytes=input_bytes,
         chains={name: tail is not None and tail.ran_as_chain(links, consumers[name]) for name, tail in tails.items()},
-        channels={name: int(map_.shape[1]) for name, (_, map_) in whole.items()},
+        channels={name: int(output.shape[1]) for name, (_, output, _) in whole.items()},
         rectifiers=frozenset(activations.rectifiers),
         smooth=frozenset(activations.smooth),
         pass_bytes=sizes["at_once"],

@@ -343,7 +343,7 @@ def test_projection_on_receptive_field_windows_is_exact(builder, layer, size):
     maxima = find_maxima(model.eval(), images, {layer: list(range(8))})[layer]
     plan = Projector(model, {layer: maxima.channels}, input_size=images.shape[1:])
     pool = dict(model.named_modules())[layer]
-    if isinstance(pool, nn.MaxPool2d):  # projections start at the switch, in the pooling's input
+    if plan.layers[layer].starts_at_switch:  # projections start at the switch, in the pooling's input
         field, positions = input_field(field, pool), maxima.switch[:, 0]
     else:
         positions = maxima.position[:, 0]

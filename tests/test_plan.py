@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from helpers import randomise_bn, rel_err, zf_shaped
-from reference import explicit_deconvnet, swapped_relu_projection
+from reference import explicit_deconvnet, strongest, swapped_relu_projection
 from torch import nn
 
 from lightning_deconv import Projector, deconvolve, find_maxima, support_boxes
@@ -291,7 +291,7 @@ def test_cpu_passes_are_cut_to_keep_the_maps_alive_at_once_small(inplace):
         assert torch.equal(cut[name].source, whole[name].source)
         assert torch.equal(cut[name].position, whole[name].position)
         assert torch.allclose(cut[name].value, whole[name].value, rtol=1e-12)
-        assert torch.equal(cut[name].switch, whole[name].switch) if name == "2" else cut[name].switch is None
+        assert cut[name].switch is None  # the first pooling runs through itself: no switches
 
 
 @pytest.mark.parametrize("side", [9, 12])
@@ -327,3 +327,24 @@ def test_a_tail_goes_down_on_each_units_support_as_on_the_whole_map(side):
     got = tail.down(value, channels, position, entry)
     assert got.shape == entry and torch.allclose(got, signal, rtol=1e-12, atol=1e-12)
     assert signal.abs().sum() > 0
+
+
+def test_a_pooling_starts_at_its_switches_only_where_that_pays(zf_net, probe):
+    """A pooling whose tail goes down from the switch starts there, and so does a deep one (small maps, a window
+    that would grow much) under the guided rule; the first one (a large input map, a window that grows little)
+    runs through itself: the maxima pass keeps no switches for it, and its projections are still exact."""
+    layers = {"2": [0, 3], "5": [1], "12": [2]}
+    plan = Projector(zf_net, layers, input_size=probe.shape[1:])
+    assert {name: layer.starts_at_switch for name, layer in plan.layers.items()} == {"2": False, "5": True, "12": True}
+    assert plan.layers["2"].windows == plan.layers["2"].field  # the pooling output's field
+    found = plan.maxima(probe)
+    assert found["2"].switch is None and found["5"].switch is not None and found["12"].switch is not None
+    guided = Projector(zf_net, layers, input_size=(3, 224, 224), rule="guided")
+    assert [layer.starts_at_switch for layer in guided.layers.values()] == [False, False, True]
+    with torch.no_grad():
+        maps = zf_net[:3](probe.clone())
+    projected = plan.project(probe, {"2": found["2"]})["2"]
+    for k, channel in enumerate(layers["2"]):
+        image, row, col = strongest(maps, channel)
+        want, _ = explicit_deconvnet(zf_net, probe[image : image + 1], 2, channel, (row, col), "deconvnet")
+        assert rel_err(projected.images[k : k + 1], want) < 1e-6  # projections are float32
