@@ -191,7 +191,7 @@ class Projector:
         batches = images.split(self.images_per_pass(len(images)))
         fast = ops or self.ops()
         # Summaries need every channel of each layer; the rest only the tracked ones.
-        with fast.narrowed(*(self._narrowed if self._narrowed and not summaries else (None,))):
+        with fast.narrowed(None if summaries else self._narrowed):
             return scan(
                 self.model, batches, channels, 1, state=state, summaries=summaries, ops=fast, switches=self._switches
             )

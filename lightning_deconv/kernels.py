@@ -213,9 +213,10 @@ class FastCPUOps(TorchFunctionMode):
         return self._filters[id(weight)][1]
 
     @contextlib.contextmanager
-    def narrowed(self, conv: nn.Conv2d | None, channels: Tensor | None = None) -> Iterator[None]:
-        """While active (on any device), ``conv`` computes only its output ``channels``, the others zero
-        (:mod:`lightning_deconv.narrowing`); ``None``: every convolution computes all of them."""
+    def narrowed(self, narrowing: tuple[nn.Conv2d, Tensor] | None) -> Iterator[None]:
+        """While active (on any device), with ``narrowing`` ``(conv, channels)``, ``conv`` computes only its output
+        ``channels``, the others zero (:mod:`lightning_deconv.narrowing`); ``None``: every convolution all of them."""
+        conv, channels = narrowing or (None, None)
         self._narrowed = None if conv is None else (conv, channels.to(conv.weight.device))
         try:
             yield
