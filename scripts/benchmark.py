@@ -56,30 +56,51 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """Median, min and max seconds of each of ``fns`` over ``repeats`` rounds, after one warm-up round.
+    """Median, min and max seconds of each of ``fns`` over ``repeats`` rounds, after one warm-up round, and the
+    median of the page faults each round took (the process's minor faults: pages the kernel zero-filled for it).
 
     The functions take turns within each round, so a machine that speeds up or slows down during the run
     (shared or throttled cores) moves every figure alike and leaves their ratios intact.
     """
 
-    def once(fn: Callable[[], object]) -> float:
+    def once(fn: Callable[[], object]) -> tuple[float, int]:
         if device.type == "cuda":
             torch.cuda.synchronize()
+        faults = minor_faults()
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, minor_faults() - faults
 
     for fn in fns.values():
         once(fn)
     runs: dict[str, list[float]] = {name: [] for name in fns}
+    faults: dict[str, list[int]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            runs[name].append(once(fn))
+            seconds, taken = once(fn)
+            runs[name].append(seconds)
+            faults[name].append(taken)
     return {
-        name: {"median": statistics.median(r), "min": min(r), "max": max(r), "rounds": r} for name, r in runs.items()
+        name: {
+            "median": statistics.median(r),
+            "min": min(r),
+            "max": max(r),
+            "rounds": r,
+            "page_faults_median": statistics.median(faults[name]),
+        }
+        for name, r in runs.items()
     }
+
+
+def minor_faults() -> int:
+    """The minor page faults this process has taken so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def cpu_name() -> str:
@@ -431,6 +452,8 @@ def _call_rows(report: dict) -> list[str]:
         f"{_ratios(c['ratio_to_limit_by_round'])}; worst {c['worst_round']['ratio_to_limit']:.2f}x; "
         f"fastest round of each {c['ratio_of_fastest']:.2f}x) |",
         f"| public call / fastest one-pass forward | {c['ratio_to_one_pass_forward']:.2f}x |",
+        f"| page faults a round, median: the call, the cut forward | {t['deconvolve']['page_faults_median']:.0f}, "
+        f"{t['forward_cut']['page_faults_median']:.0f} |",
         f"| the cut forward with the plan's own CPU ops (`FastCPUOps`: its LRN), no hooks (not a plain forward) | "
         f"{seconds(t['forward_fast_ops'])}: the call is {c['ratio_to_fast_ops_forward']:.2f}x it |",
         f"| first call on the model (survey made anew) | {seconds(t['deconvolve_first'])} "
