@@ -48,9 +48,10 @@ CPU_PASS_BYTES = 24 * 2**20
 # back to the kernel when more than twice that threshold lies free there. Both start low and rise only as blocks
 # of up to 32 MiB that it mapped are freed: to 18 MiB in a process whose largest such block was ZFNet's conv1 map
 # of 4 images. A firing frees more than 37 MiB at once between its passes, so the heap's top went back to the
-# kernel and the next pass took it again, zero-filled page by page: 2,000 to 17,000 page faults a call, 5 to 15%
-# of its time on this project's VM. Freeing one untouched block just under 32 MiB, once, sets both to their
-# ceilings (as any process that frees such a map does); the heap then keeps up to 62 MiB of freed top.
+# kernel and the next pass took it again, zero-filled page by page: 2,400 to 17,000 page faults in most calls on
+# ZFNet (4,100 made relu4's projections 68 ms instead of 31). Freeing one untouched block just under 32 MiB, once,
+# sets both to their ceilings (as any process that frees such a map does); the heap then keeps up to 62 MiB of
+# freed top.
 _HEAP_BLOCK_BYTES = 31 * 2**20
 _heap_settled = False
 
